@@ -1,0 +1,92 @@
+"""R8: a saved model loads with trust_remote_code=True where hf_lowrank cannot be imported, and without remote
+code where it can."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import hf_lowrank
+from hf_lowrank import LowRankLlamaForCausalLM, LowRankLlamaModel, preset_config
+
+PACKAGE = Path(hf_lowrank.__file__).parent
+STDLIB_OK = {"inspect", "math", "collections", "typing", "dataclasses", "functools"}
+
+# Runs in a fresh interpreter in which any import of hf_lowrank fails.
+BLOCKED_LOAD = r"""
+import sys, json
+class BlockHfLowrank:
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_lowrank" or name.startswith("hf_lowrank."):
+            raise ImportError("hf_lowrank is blocked in this process")
+sys.meta_path.insert(0, BlockHfLowrank())
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = torch.tensor(json.loads(sys.argv[2]))
+logits = model(ids).logits
+assert "hf_lowrank" not in sys.modules
+generated = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+print(json.dumps({"module": type(model).__module__, "logits": logits.tolist(), "generated": generated.tolist()}))
+"""
+
+
+def test_model_files_import_only_torch_transformers_and_each_other():
+    for name in ("modeling_lowrank.py", "configuration_lowrank.py"):
+        tree = ast.parse((PACKAGE / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: only the config module
+                    assert node.module == "configuration_lowrank", (name, node.module)
+                    continue
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            assert roots <= {"torch", "transformers"} | STDLIB_OK, (name, roots)
+
+
+def test_save_writes_auto_map_and_code(tmp_path):
+    torch.manual_seed(0)
+    LowRankLlamaForCausalLM(preset_config("tiny")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "lowrank_llama"
+    assert config["auto_map"]["AutoConfig"] == "configuration_lowrank.LowRankLlamaConfig"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_lowrank.LowRankLlamaForCausalLM"
+    assert (tmp_path / "modeling_lowrank.py").read_text() == (PACKAGE / "modeling_lowrank.py").read_text()
+    assert (tmp_path / "configuration_lowrank.py").read_text() == (PACKAGE / "configuration_lowrank.py").read_text()
+
+
+def test_remote_code_load_without_package_gives_identical_logits(tmp_path):
+    torch.manual_seed(0)
+    model = LowRankLlamaForCausalLM(preset_config("tiny")).eval()
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3))
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKED_LOAD, str(tmp_path), json.dumps(ids.tolist())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["module"].startswith("transformers_modules"), payload["module"]
+    assert torch.equal(torch.tensor(payload["logits"]), model(ids).logits)
+    expected = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert payload["generated"] == expected.tolist()
+
+
+def test_with_package_imported_no_remote_code_is_needed(tmp_path):
+    torch.manual_seed(0)
+    LowRankLlamaForCausalLM(preset_config("tiny")).save_pretrained(tmp_path)
+    for path in tmp_path.glob("*.py"):
+        path.unlink()  # no code beside the weights: only the registered classes can load it
+    assert type(AutoConfig.from_pretrained(tmp_path)).__module__ == "hf_lowrank.configuration_lowrank"
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is LowRankLlamaForCausalLM
+    assert type(AutoModel.from_pretrained(tmp_path)) is LowRankLlamaModel
