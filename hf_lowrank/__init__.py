@@ -14,6 +14,7 @@ from .modeling_lowrank import (
     LowRankLlamaModel,
     LowRankLlamaPreTrainedModel,
 )
+from .optim import OPTIMIZER_NAMES, Spectron, build_optimizer, lowrank_pairs
 from .presets import PRESETS, count_parameters, dense_counterpart, preset_config
 
 __version__ = "0.1.0"
@@ -31,13 +32,17 @@ LowRankLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 __all__ = [
     "LOWRANK_FACTOR_NAMES",
     "LOWRANK_PROJECTIONS",
+    "OPTIMIZER_NAMES",
     "PRESETS",
+    "Spectron",
     "LowRankLinear",
     "LowRankLlamaConfig",
     "LowRankLlamaForCausalLM",
     "LowRankLlamaModel",
     "LowRankLlamaPreTrainedModel",
+    "build_optimizer",
     "count_parameters",
     "dense_counterpart",
+    "lowrank_pairs",
     "preset_config",
 ]

@@ -1,0 +1,120 @@
+"""Command-line arguments of `hf-lowrank pretrain`, as dataclasses for `transformers.HfArgumentParser`.
+
+Every `TrainingArguments` flag works as in transformers' `run_clm.py`; these add the model, the optimizer and
+the diagnostics. Defaults are sized for the built-in corpus on a CPU (the default main job).
+"""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from ..optim import OPTIMIZER_NAMES
+
+# Spectron's lr is a spectral-norm bound on each step's weight update (‖ΔW‖₂ ≤ lr), AdamW's a per-entry step:
+# they live on different scales, so `--learning_rate` defaults per optimizer when it is not given.
+DEFAULT_LEARNING_RATES = {"spectron": 0.02, "muon": 0.02, "renorm": 0.02, "adamw": 3e-3}
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="small", metadata={"help": "Model shape: tiny, small, 60m, 130m, 350m, 1b."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Override config fields, e.g. 'hidden_size=384,num_hidden_layers=6' (ints/floats/bools)."},
+    )
+    dense: bool = field(default=False, metadata={"help": "Train the dense baseline (same code, no factorization)."})
+    rank_ratio: float | None = field(default=None, metadata={"help": "Rank as a fraction of min(in, out) (0.25)."})
+    rank: int | None = field(default=None, metadata={"help": "Absolute rank of every factorized projection."})
+    lowrank_modules: str | None = field(
+        default=None, metadata={"help": "Comma-separated projections to factorize (default: all seven)."}
+    )
+    lowrank_init: str | None = field(default=None, metadata={"help": "Factor init: spectral (default) or normal."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "Attention backend: sdpa, eager, ..."})
+
+
+@dataclass
+class OptimizerArguments:
+    optimizer: str = field(
+        default="spectron",
+        metadata={"help": "spectron | adamw (naive low-rank / dense baseline) | muon (orthogonalize only) | renorm"},
+    )
+    adamw_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "lr of the AdamW groups (embeddings, LM head, norms) next to Spectron; default 3e-3."},
+    )
+    adamw_weight_decay: float = field(default=0.0, metadata={"help": "Weight decay of the AdamW matrices."})
+    spectron_momentum: float = field(default=0.95, metadata={"help": "EMA momentum of Spectron (beta)."})
+    ns_steps: int = field(default=5, metadata={"help": "Newton-Schulz iterations."})
+    power_iters: int = field(default=1, metadata={"help": "Power iterations per step (warm-started)."})
+    rebalance_every: int = field(
+        default=0, metadata={"help": "Rescale factor pairs to equal spectral norms every N steps (0: off)."}
+    )
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise ValueError(f"--optimizer must be one of {list(OPTIMIZER_NAMES)}, got {self.optimizer!r}.")
+
+    def spectron_options(self) -> dict:
+        if self.optimizer == "adamw":
+            return {}
+        return dict(
+            momentum=self.spectron_momentum,
+            ns_steps=self.ns_steps,
+            power_iters=self.power_iters,
+            rebalance_every=self.rebalance_every,
+        )
+
+
+@dataclass
+class RunArguments:
+    diagnostics_steps: int | None = field(
+        default=None, metadata={"help": "Log spectral diagnostics every N steps (default: --logging_steps)."}
+    )
+    spike_window: int = field(default=50, metadata={"help": "Loss-spike detector: window of previous steps."})
+    spike_threshold: float = field(default=4.0, metadata={"help": "Spike: loss above mean + threshold * std."})
+    spike_min_increase: float = field(default=0.05, metadata={"help": "Spike: and at least this relative rise."})
+    spike_warmup: int = field(default=50, metadata={"help": "Steps exempt from spike detection."})
+    sample_prompt: str = field(default="def ", metadata={"help": "Prompt of the generated sample printed at the end."})
+    sample_tokens: int = field(default=48, metadata={"help": "Length of the generated sample."})
+    eval_max_batches: int | None = field(
+        default=8,
+        metadata={
+            "help": "Cap on validation batches of the periodic evaluations during training (None: all); "
+            "the final evaluation always uses the whole validation split."
+        },
+    )
+
+
+@dataclass
+class PretrainingArguments(TrainingArguments):
+    """`TrainingArguments` with defaults for a short CPU-sized pretraining run."""
+
+    output_dir: str = field(default="runs/pretrain", metadata={"help": "Where the model and logs are written."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak lr; default depends on --optimizer (spectron 0.02, adamw 3e-3)."}
+    )
+    max_steps: int = field(default=400, metadata={"help": "Optimizer steps."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Sequences per device per step."})
+    per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per device per eval step."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "LR decay after the warm-up."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up: a fraction (<1) or a number of steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0: off)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    eval_strategy: str = field(default="steps", metadata={"help": "no | steps | epoch"})
+    eval_steps: float | None = field(default=100, metadata={"help": "Evaluate every N steps."})
+    save_strategy: str = field(default="steps", metadata={"help": "no | steps | epoch"})
+    save_steps: float = field(default=200, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
+    dataloader_drop_last: bool = field(default=True, metadata={"help": "Keep every batch full-size."})
+    seed: int = field(default=0, metadata={"help": "Seed of model init and data order."})
+    dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin host memory (useful on GPUs only)."})
+
+
+def resolve_learning_rate(training_args: TrainingArguments, optimizer_args: OptimizerArguments) -> None:
+    """Fill in the optimizer's default lr when `--learning_rate` was not given."""
+    if training_args.learning_rate is None:
+        training_args.learning_rate = DEFAULT_LEARNING_RATES[optimizer_args.optimizer]
+    if optimizer_args.adamw_learning_rate is None:
+        optimizer_args.adamw_learning_rate = (
+            training_args.learning_rate if optimizer_args.optimizer == "adamw" else DEFAULT_LEARNING_RATES["adamw"]
+        )

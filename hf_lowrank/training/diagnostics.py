@@ -1,0 +1,212 @@
+"""Stability diagnostics: spectral norms of the factors and of the weight update, and loss spikes.
+
+The paper traces low-rank instability to the spectral norm of the weight update ‖ΔW‖₂, so that is what we
+watch. Everything here is optimizer-agnostic: it reads the model before and after `optimizer.step()`, so the
+naive AdamW baseline is measured the same way as Spectron.
+"""
+
+import math
+from collections import deque
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from ..modeling_lowrank import LowRankLinear
+
+
+@torch.no_grad()
+def spectral_norm(matrix: torch.Tensor) -> torch.Tensor:
+    """Largest singular value, in float32. For a thin factor (long × r) this is an SVD of cost O(long · r²)."""
+    return torch.linalg.matrix_norm(matrix.float(), ord=2)
+
+
+@torch.no_grad()
+def lowrank_difference_spectral_norm(
+    up_before: torch.Tensor, down_before: torch.Tensor, up_after: torch.Tensor, down_after: torch.Tensor
+) -> torch.Tensor:
+    """‖up_after·down_after − up_before·down_before‖₂ without forming an (out × in) matrix.
+
+    The difference is L·R with L = [up_after, −up_before] (out × 2r) and R = [down_after; down_before] (2r × in).
+    With L = Q_L T_L and Rᵀ = Q_R T_R (thin QR), ‖L R‖₂ = ‖T_L T_Rᵀ‖₂, a (2r × 2r) problem.
+    """
+    left = torch.cat([up_after.float(), -up_before.float()], dim=1)  # (out, 2r)
+    right = torch.cat([down_after.float(), down_before.float()], dim=0)  # (2r, in)
+    _, t_left = torch.linalg.qr(left)  # (2r, 2r)
+    _, t_right = torch.linalg.qr(right.T)  # (2r, 2r)
+    return torch.linalg.matrix_norm(t_left @ t_right.T, ord=2)
+
+
+def factorized_layers(model: nn.Module) -> dict[str, LowRankLinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
+
+
+def dense_projections(model: nn.Module) -> dict[str, nn.Linear]:
+    """Dense projections inside the decoder layers (the dense baseline's counterparts of the factor pairs)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and ".layers." in f".{name}" and not getattr(module, "_is_lowrank_factor", False)
+    }
+
+
+class LossSpikeDetector:
+    """Flags a loss spike: a finite loss more than ``threshold`` standard deviations *and* ``min_increase``
+    (relative) above the mean of the previous ``window`` losses, after ``warmup`` steps.
+
+    The relative floor keeps a flat, low-noise loss curve from turning tiny wiggles into "spikes". Non-finite
+    losses are not spikes (they are skipped steps, counted by the non-finite guard). The detector's state is
+    plain numbers so it can be checkpointed with the run.
+    """
+
+    def __init__(self, window: int = 50, threshold: float = 4.0, min_increase: float = 0.05, warmup: int = 100):
+        if window < 2:
+            raise ValueError(f"spike window must be at least 2 steps, got {window}.")
+        if threshold <= 0 or min_increase < 0 or warmup < 0:
+            raise ValueError("spike threshold must be > 0, min_increase and warmup >= 0.")
+        self.window, self.threshold, self.min_increase, self.warmup = window, threshold, min_increase, warmup
+        self.history: deque[float] = deque(maxlen=window)
+        self.steps = 0
+        self.spikes = 0
+        self.last_spike_step: int | None = None
+
+    def update(self, loss: float) -> bool:
+        """Feed one step's loss; returns whether it is a spike. A spike is not added to the window."""
+        if not math.isfinite(loss):
+            return False
+        self.steps += 1
+        is_spike = False
+        if self.steps > self.warmup and len(self.history) == self.window:
+            mean = sum(self.history) / len(self.history)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / (len(self.history) - 1))
+            is_spike = loss > mean + self.threshold * std and loss > mean * (1 + self.min_increase)
+        if is_spike:
+            self.spikes += 1
+            self.last_spike_step = self.steps
+        else:
+            self.history.append(loss)
+        return is_spike
+
+    def state_dict(self) -> dict:
+        return {
+            "window": self.window,
+            "threshold": self.threshold,
+            "min_increase": self.min_increase,
+            "warmup": self.warmup,
+            "history": list(self.history),
+            "steps": self.steps,
+            "spikes": self.spikes,
+            "last_spike_step": self.last_spike_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.window, self.threshold = state["window"], state["threshold"]
+        self.min_increase, self.warmup = state["min_increase"], state["warmup"]
+        self.history = deque(state["history"], maxlen=self.window)
+        self.steps, self.spikes, self.last_spike_step = state["steps"], state["spikes"], state["last_spike_step"]
+
+
+class SpectralDiagnosticsCallback(TrainerCallback):
+    """Every ``every`` optimizer steps, logs over all factorized layers (or the dense projections of a dense
+    model) the max and mean of σ(up), σ(down), and ‖ΔW‖₂ of that step's update, plus ‖ΔW‖₂ / lr.
+
+    Keys (prefix ``diag/``): ``sigma_up_max``, ``sigma_up_mean``, ``sigma_down_max``, ``sigma_down_mean``,
+    ``update_norm_max``, ``update_norm_mean``, ``update_over_lr_max``, and ``loss_spikes`` when a spike detector
+    is attached. With `LowRankTrainer` they are merged into the next regular log line, so they reach
+    ``trainer_state.json`` and every ``report_to`` backend; with a plain `Trainer` they are added in ``on_log``.
+    """
+
+    def __init__(self, every: int = 10, spike_detector: LossSpikeDetector | None = None):
+        if every < 1:
+            raise ValueError(f"diagnostics interval must be >= 1 step, got {every}.")
+        self.every = every
+        self.spike_detector = spike_detector
+        self._snapshot: dict[str, tuple[torch.Tensor, ...]] | None = None
+        self._pending: dict[str, float] = {}
+
+    def _due(self, state) -> bool:
+        return (state.global_step + 1) % self.every == 0  # global_step is incremented after the optimizer step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if model is None or not self._due(state):
+            return
+        model = _unwrap(model)
+        snapshot = {
+            name: (m.up.weight.detach().clone(), m.down.weight.detach().clone())
+            for name, m in factorized_layers(model).items()
+        }
+        if not snapshot:
+            snapshot = {name: (m.weight.detach().clone(),) for name, m in dense_projections(model).items()}
+        self._snapshot = snapshot
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self._snapshot is None or model is None:
+            return
+        model = _unwrap(model)
+        sigma_up, sigma_down, updates = [], [], []
+        factorized = factorized_layers(model)
+        if factorized:
+            for name, module in factorized.items():
+                up_before, down_before = self._snapshot[name]
+                up, down = module.up.weight.detach(), module.down.weight.detach()
+                sigma_up.append(spectral_norm(up).item())
+                sigma_down.append(spectral_norm(down).item())
+                updates.append(lowrank_difference_spectral_norm(up_before, down_before, up, down).item())
+        else:
+            for name, module in dense_projections(model).items():
+                (before,) = self._snapshot[name]
+                updates.append(spectral_norm(module.weight.detach() - before).item())
+        self._snapshot = None
+        logs = {
+            "diag/update_norm_max": max(updates, default=float("nan")),
+            "diag/update_norm_mean": sum(updates) / max(len(updates), 1),
+        }
+        if sigma_up:
+            logs.update(
+                {
+                    "diag/sigma_up_max": max(sigma_up),
+                    "diag/sigma_up_mean": sum(sigma_up) / len(sigma_up),
+                    "diag/sigma_down_max": max(sigma_down),
+                    "diag/sigma_down_mean": sum(sigma_down) / len(sigma_down),
+                }
+            )
+        lr = _matrix_learning_rate(optimizer)
+        if lr:
+            logs["diag/update_over_lr_max"] = logs["diag/update_norm_max"] / lr
+        self._pending.update(logs)
+
+    def record_loss(self, loss: float) -> bool:
+        """Called by `LowRankTrainer` with each optimizer step's loss; returns whether it was a spike."""
+        if self.spike_detector is None:
+            return False
+        return self.spike_detector.update(loss)
+
+    def pop_logs(self) -> dict[str, float]:
+        logs, self._pending = self._pending, {}
+        if self.spike_detector is not None and logs:
+            logs["diag/loss_spikes"] = self.spike_detector.spikes
+        return logs
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # Fallback for a plain Trainer: LowRankTrainer.log has already drained the pending values.
+        pending = self.pop_logs()
+        if pending and logs is not None:
+            logs.update(pending)
+            if state.log_history:
+                state.log_history[-1].update(pending)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def _matrix_learning_rate(optimizer) -> float | None:
+    """The current lr of the groups that update the projection matrices (Spectron groups, else the first)."""
+    if optimizer is None:
+        return None
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wrapper
+    groups = optimizer.param_groups
+    spectron = [g for g in groups if g.get("algorithm") == "spectron"]
+    return float((spectron or groups)[0]["lr"])

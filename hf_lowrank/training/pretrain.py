@@ -1,0 +1,296 @@
+"""`hf-lowrank pretrain`: pretrain a natively factorized model through the HF Trainer, then evaluate and save.
+
+Arguments are parsed with `HfArgumentParser` as in transformers' `run_clm.py`: every `TrainingArguments`
+flag works, plus the model, data, optimizer and diagnostics options in `arguments.py` and `data.py`.
+With no arguments but an output folder it trains the `small` preset with Spectron on the built-in corpus
+(the Python standard library's source), which takes a few minutes on a laptop CPU.
+"""
+
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import HfArgumentParser, default_data_collator, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..modeling_lowrank import LowRankLlamaForCausalLM
+from ..presets import PRESETS, count_parameters, preset_config
+from .arguments import ModelArguments, OptimizerArguments, PretrainingArguments, RunArguments, resolve_learning_rate
+from .data import DataArguments, build_datasets, resolve_block_size
+from .diagnostics import LossSpikeDetector, SpectralDiagnosticsCallback
+from .plots import plot_training_curves
+from .tokenizer import check_vocab
+from .trainer import LowRankTrainer
+
+logger = logging.getLogger("hf_lowrank.pretrain")
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, OptimizerArguments, RunArguments, PretrainingArguments)
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="hf-lowrank pretrain")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        path = Path(argv[0])
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {path} does not exist.")
+        parse = parser.parse_json_file if path.suffix == ".json" else parser.parse_yaml_file
+        return parse(str(path))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _parse_overrides(text: str | None) -> dict:
+    """'hidden_size=384,tie_word_embeddings=true' -> {'hidden_size': 384, 'tie_word_embeddings': True}."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        if "=" not in item:
+            raise ValueError(f"--config_overrides expects key=value pairs separated by commas, got {item!r}.")
+        key, value = (s.strip() for s in item.split("=", 1))
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            overrides[key] = lowered == "true"
+        else:
+            try:
+                overrides[key] = int(value)
+            except ValueError:
+                try:
+                    overrides[key] = float(value)
+                except ValueError:
+                    overrides[key] = value
+    return overrides
+
+
+def build_config(model_args: ModelArguments, vocab_size: int | None = None):
+    """The model config from the preset and the command-line overrides (validated by the config itself)."""
+    if model_args.preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {model_args.preset!r}.")
+    overrides = _parse_overrides(model_args.config_overrides)
+    for name in ("rank_ratio", "rank", "lowrank_init"):
+        if getattr(model_args, name) is not None:
+            overrides[name] = getattr(model_args, name)
+    if model_args.lowrank_modules is not None:
+        overrides["lowrank_modules"] = [m.strip() for m in model_args.lowrank_modules.split(",") if m.strip()]
+    if model_args.dense:
+        overrides["lowrank_modules"] = []
+        overrides.pop("rank_overrides", None)
+    if vocab_size is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = vocab_size
+    return preset_config(model_args.preset, **overrides)
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return (
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
+
+
+def unigram_cross_entropy(train_dataset, eval_dataset, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the validation tokens under the training split's unigram distribution
+    (add-one smoothed): the loss a model that ignores context would reach."""
+    counts = torch.ones(vocab_size, dtype=torch.float64)
+    for block in train_dataset.with_format("torch")["input_ids"]:
+        counts += torch.bincount(block.flatten(), minlength=vocab_size)[:vocab_size].double()
+    log_probs = (counts / counts.sum()).log()
+    total, n = 0.0, 0
+    for block in eval_dataset.with_format("torch")["input_ids"]:
+        ids = block.flatten()[1:]  # the first token of a block is never predicted
+        total -= log_probs[ids].sum().item()
+        n += ids.numel()
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
+    model.eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0
+    )
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
+    """The whole job; returns the final metrics. Separate from `main` so tests and the sweep can call it."""
+    started = time.time()
+    resolve_learning_rate(training_args, optimizer_args)
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    resume = training_args.resume_from_checkpoint
+    if resume is None and training_args.do_train is not False:
+        resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if resume:
+            logger.info("Resuming from the newest checkpoint %s", resume)
+
+    # Build (and so validate) the model config before any data work: a typo fails in a second, not after
+    # tokenization. A named tokenizer sets the vocabulary unless --config_overrides fixes vocab_size.
+    config = build_config(model_args)
+    with training_args.main_process_first(desc="tokenizer and dataset preparation"):
+        tokenizer, train_dataset, eval_dataset = build_datasets(
+            data_args,
+            output_dir=str(output_dir),
+            block_size=resolve_block_size(data_args, config),
+            config=config if data_args.tokenizer_name is None else None,
+        )
+    if data_args.tokenizer_name is not None:
+        config = build_config(model_args, vocab_size=len(tokenizer))
+        check_vocab(tokenizer, config)
+    if eval_dataset is None:
+        raise ValueError(
+            "Pretraining needs a validation split: set --validation_split_percentage > 0 or pass --validation_files."
+        )
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+
+    set_seed(training_args.seed)
+    model = LowRankLlamaForCausalLM(config)
+    model.set_attn_implementation(model_args.attn_implementation)
+    counts = count_parameters(config)
+    logger.info(
+        "Model: %s, %.2fM parameters (dense counterpart %.2fM, ratio %.3f), optimizer %s, lr %g",
+        model_args.preset,
+        counts.total / 1e6,
+        counts.dense_total / 1e6,
+        counts.compression,
+        optimizer_args.optimizer,
+        training_args.learning_rate,
+    )
+
+    diagnostics = SpectralDiagnosticsCallback(
+        every=run_args.diagnostics_steps or max(1, int(training_args.logging_steps)),
+        spike_detector=LossSpikeDetector(
+            window=run_args.spike_window,
+            threshold=run_args.spike_threshold,
+            min_increase=run_args.spike_min_increase,
+            warmup=run_args.spike_warmup,
+        ),
+    )
+    periodic_eval = eval_dataset
+    if run_args.eval_max_batches is not None and eval_dataset is not None:
+        n = min(len(eval_dataset), run_args.eval_max_batches * training_args.per_device_eval_batch_size)
+        periodic_eval = eval_dataset.select(range(n))
+    trainer = LowRankTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=periodic_eval,
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+        callbacks=[diagnostics],
+        optimizer_args=optimizer_args,
+    )
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.time() - started
+    trainer.save_model(str(output_dir))  # model (safetensors) + tokenizer + self-contained code
+
+    eval_metrics = trainer.evaluate(eval_dataset=eval_dataset)
+    eval_loss = eval_metrics["eval_loss"]
+    metrics = {
+        "train_loss": train_result.training_loss,
+        "train_runtime_s": train_result.metrics.get("train_runtime"),
+        "eval_loss": eval_loss,
+        "perplexity": math.exp(eval_loss) if eval_loss < 50 else float("inf"),
+        "unigram_loss": unigram_cross_entropy(train_dataset, eval_dataset, config.vocab_size),
+        "eval_tokens": len(eval_dataset) * len(eval_dataset[0]["input_ids"]),
+        "loss_spikes": diagnostics.spike_detector.spikes,
+        "max_update_over_lr": max(
+            (row["diag/update_over_lr_max"] for row in trainer.state.log_history if "diag/update_over_lr_max" in row),
+            default=None,
+        ),
+        "parameters": counts.total,
+        "dense_parameters": counts.dense_total,
+    }
+    if trainer.is_world_process_zero():
+        trainer.save_state()
+        _write_json(output_dir / "metrics.json", metrics)
+        _write_json(
+            output_dir / "eval_results.json",
+            {
+                "perplexity": metrics["perplexity"],
+                "loss": eval_loss,
+                "tokens": metrics["eval_tokens"],
+                "dataset": _dataset_name(data_args),
+                "split": "validation",
+                "max_length": config.max_position_embeddings,
+                "stride": config.max_position_embeddings,
+            },
+        )
+        block_size = len(train_dataset[0]["input_ids"])
+        world = training_args.world_size
+        global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
+        _write_json(
+            output_dir / "training_summary.json",
+            {
+                "preset": model_args.preset,
+                "dense": config.is_dense,
+                "optimizer": optimizer_args.optimizer,
+                "learning_rate": training_args.learning_rate,
+                "adamw_learning_rate": optimizer_args.adamw_learning_rate,
+                "lr_scheduler": str(training_args.lr_scheduler_type),
+                "max_steps": trainer.state.global_step,
+                "block_size": block_size,
+                "global_batch_size": global_batch,
+                "train_tokens": trainer.state.global_step * global_batch * block_size,
+                "wall_time_s": round(time.time() - started, 1),
+                "train_time_s": round(train_seconds, 1),
+                "hardware": _hardware(),
+                "world_size": world,
+                "dataset": _dataset_name(data_args),
+                "seed": training_args.seed,
+                "final_train_loss": train_result.training_loss,
+                "transformers_version": transformers.__version__,
+                "torch_version": torch.__version__,
+            },
+        )
+        plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+        metrics["sample"] = generate_sample(model, tokenizer, run_args.sample_prompt, run_args.sample_tokens)
+        metrics["wall_time_s"] = round(time.time() - started, 1)
+    return metrics
+
+
+def _dataset_name(data_args) -> str:
+    if getattr(data_args, "dataset_name", None):
+        return data_args.dataset_name
+    if getattr(data_args, "train_files", None):
+        return "local files"
+    return "python-stdlib (built-in corpus)"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    args = parse_args(argv)
+    metrics = run(*args)
+    training_args = args[-1]
+    if training_args.process_index == 0:
+        out = training_args.output_dir
+        print(
+            f"\nvalidation loss {metrics['eval_loss']:.3f} (perplexity {metrics['perplexity']:.2f}; "
+            f"unigram baseline {metrics['unigram_loss']:.3f}), {metrics['loss_spikes']} loss spikes, "
+            f"wall time {metrics['wall_time_s']:.0f} s"
+        )
+        print(f"\nSample ({args[3].sample_prompt!r} ->):\n{metrics['sample']}\n")
+        print(
+            "Load it with:\n"
+            "    import hf_lowrank\n"
+            "    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f"    model = AutoModelForCausalLM.from_pretrained({out!r})\n"
+            f"    tokenizer = AutoTokenizer.from_pretrained({out!r})\n"
+            f"Model, tokenizer, metrics.json and training_curves.png are in {out}/"
+        )
+    return 0
