@@ -8,6 +8,10 @@ import sys
 # so `hf-lowrank --help` stays fast and works without the training extras.
 COMMANDS: dict[str, tuple[str, str]] = {
     "presets": ("hf_lowrank.presets:main", "list the model presets with factorized vs dense parameter counts"),
+    "push": ("hf_lowrank.hub:main", "publish MODEL_DIR to the Hub in one commit with a generated model card"),
+    "convert": ("hf_lowrank.convert:main", "convert Llama <-> low-rank (--from-dense | --to-dense SRC DST)"),
+    "evaluate": ("hf_lowrank.evaluation:main", "sliding-window perplexity of MODEL_DIR; writes eval_results.json"),
+    "pretrain": ("hf_lowrank.training.pretrain:main", "pretrain a factorized model (Spectron) through the HF Trainer"),
 }
 
 

@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Thin entry point: `python scripts/convert.py [args]` == `hf-lowrank convert [args]`."""
+
+import sys
+
+from hf_lowrank.convert import main
+
+if __name__ == "__main__":
+    sys.exit(main())

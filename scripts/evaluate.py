@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Thin entry point: `python scripts/evaluate.py MODEL_DIR [args]` == `hf-lowrank evaluate MODEL_DIR [args]`."""
+
+import sys
+
+from hf_lowrank.evaluation import main
+
+if __name__ == "__main__":
+    sys.exit(main())
