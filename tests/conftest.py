@@ -9,7 +9,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: tests use tiny matrices, and several test processes (subprocess CLIs, two-rank launches)
+# share 2 cores; more threads only spin against each other (seen 10-30x slower under contention).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

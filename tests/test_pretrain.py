@@ -185,18 +185,22 @@ def test_bf16_autocast_on_cpu(tmp_path, tiny_data):
 
 
 def test_spike_counter_reaches_log_history(tmp_path, tiny_data):
-    detector = LossSpikeDetector(window=2, threshold=1e-9, min_increase=0.0, warmup=0)
-    trainer = make_trainer(
-        tmp_path,
-        tiny_data,
-        callbacks=[SpectralDiagnosticsCallback(every=2, spike_detector=detector)],
-        max_steps=8,
-        learning_rate=0.5,
-        logging_steps=2,
-    )  # lr this large makes the loss jump
+    detector = LossSpikeDetector(window=3, threshold=3.0, min_increase=0.5, warmup=3)
+    trainer = make_trainer(tmp_path, tiny_data, callbacks=[SpectralDiagnosticsCallback(every=2, spike_detector=detector)],
+                           max_steps=8, logging_steps=2)
+    calls = []
+
+    def plant_spike(module, args, output):  # the 6th step's loss is 5x: a spike, whatever the curve does
+        calls.append(1)
+        if len(calls) == 6:
+            output.loss = output.loss * 5
+        return output
+
+    trainer.model.register_forward_hook(plant_spike)
     trainer.train()
+    assert detector.spikes == 1  # the guard fed this detector every step's loss
     logged = [row["diag/loss_spikes"] for row in trainer.state.log_history if "diag/loss_spikes" in row]
-    assert logged and logged[-1] == detector.spikes
+    assert logged[-1] == 1 and logged[0] == 0
 
 
 @pytest.mark.parametrize(

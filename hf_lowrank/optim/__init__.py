@@ -1,5 +1,13 @@
-"""Optimizers for factorized models: Spectron (pure functions + a thin optimizer) and parameter routing."""
+"""Optimizers for factorized models: Spectron (pure functions + a thin optimizer), parameter routing, and
+Spectron's sharded (FSDP2) step with its traffic accounting."""
 
+from .distributed import (
+    CommTraffic,
+    TrafficEstimate,
+    count_traffic,
+    init_optimizer_state,
+    spectron_traffic,
+)
 from .routing import (
     DEFAULT_ADAMW_LR,
     OPTIMIZER_NAMES,
@@ -24,14 +32,18 @@ from .spectron import (
 )
 
 __all__ = [
+    "CommTraffic",
     "DEFAULT_ADAMW_LR",
     "NS_COEFFICIENTS",
     "OPTIMIZER_NAMES",
     "Spectron",
+    "TrafficEstimate",
     "adamw_update",
     "assert_partition",
     "build_optimizer",
+    "count_traffic",
     "gram",
+    "init_optimizer_state",
     "init_power_vectors",
     "init_spectron_state",
     "lowrank_pairs",
@@ -42,4 +54,5 @@ __all__ = [
     "spectral_norm",
     "spectral_normalize",
     "spectron_pair_update",
+    "spectron_traffic",
 ]

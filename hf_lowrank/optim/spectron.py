@@ -19,6 +19,8 @@ in their *tall* orientation (long × r): the only products over the long dimensi
 swap in an all-reduce there and leave everything else local.
 """
 
+import sys
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
@@ -312,10 +314,17 @@ class Spectron(torch.optim.Optimizer):
             (the product is unchanged, the momenta are rescaled like gradients); 0 (default) never.
         eps: added to every norm that divides (Newton–Schulz, power iteration, renormalization).
         adamw_betas, adamw_eps: defaults of the AdamW groups.
+        batched: step all pairs that share hyperparameters at once: same-shaped factors stacked, Newton–Schulz
+            in its r × r Gram form and power iteration as batched matmuls (:mod:`hf_lowrank.optim.batched`);
+            the same result as the per-pair reference ``spectron_pair_update`` (``batched=False``) up to float32
+            rounding, 2-4x faster on CPU (docs/benchmarks.md).
 
     State (tensors only, loadable with ``torch.load(weights_only=True)``): per factor ``momentum_buffer``
     (float32), power-iteration vectors ``u`` (long,) and ``v`` (r,), the last ``sigma`` and ``step`` (a CPU
     tensor); per AdamW parameter ``step``, ``exp_avg``, ``exp_avg_sq``.
+
+    Groups whose parameters are DTensors (FSDP2) step on local shards with the Grams and power-iteration sums
+    all-reduced: see :mod:`hf_lowrank.optim.distributed`.
     """
 
     def __init__(
@@ -333,7 +342,9 @@ class Spectron(torch.optim.Optimizer):
         eps: float = 1e-7,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
+        batched: bool = True,
     ):
+        self.batched = batched
         self._adamw_defaults = {"betas": tuple(adamw_betas), "eps": adamw_eps, "weight_decay": 0.0}
         defaults = dict(
             lr=lr,
@@ -392,50 +403,99 @@ class Spectron(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        spectron_groups = []
         for group in self.param_groups:
-            if group["algorithm"] == "adamw":
+            if _holds_dtensor(group):  # FSDP2: the same math on local shards (optim/distributed.py)
+                from .distributed import dtensor_group_step
+
+                dtensor_group_step(self, group)
+            elif group["algorithm"] == "adamw":
                 self._adamw_step(group)
             else:
-                self._spectron_step(group)
+                spectron_groups.append(group)
+        self._spectron_steps(spectron_groups)
         return loss
 
-    def _spectron_step(self, group: dict) -> None:
-        up, down = group["params"]
-        if up.grad is None and down.grad is None:
-            return
-        for param in (up, down):
-            if not self.state[param]:
-                self.state[param].update(init_spectron_state(param))
-        state_up, state_down = self.state[up], self.state[down]
-        first = state_up["step"].item() == 0
-        spectron_pair_update(
-            up,
-            down,
-            up.grad if up.grad is not None else torch.zeros_like(up),
-            down.grad if down.grad is not None else torch.zeros_like(down),
-            state_up,
-            state_down,
-            lr=group["lr"],
-            momentum=group["momentum"],
-            ns_steps=group["ns_steps"],
-            power_iters=max(group["first_power_iters"], group["power_iters"]) if first else group["power_iters"],
-            weight_decay=group["weight_decay"],
-            orthogonalize=group["orthogonalize"],
-            renormalize=group["renormalize"],
-            eps=group["eps"],
-        )
-        state_up["step"] += 1
-        state_down["step"] += 1
-        every = group["rebalance_every"]
-        if every and int(state_up["step"].item()) % every == 0:
-            rebalance_pair(up, down, state_up, state_down, power_iters=group["power_iters"], eps=group["eps"])
+    def _spectron_steps(self, groups: list[dict]) -> None:
+        """Step the pairs of ``groups``: one by one with ``spectron_pair_update``, or, when ``batched``, all pairs
+        with the same hyperparameters in one ``spectron_update_batched`` call."""
+        from .batched import spectron_update_batched
+
+        stepped, batches = [], defaultdict(list)
+        for group in groups:
+            up, down = group["params"]
+            if up.grad is None and down.grad is None:
+                continue
+            for param in (up, down):
+                if not self.state[param]:
+                    self.state[param].update(init_spectron_state(param))
+            state_up, state_down = self.state[up], self.state[down]
+            first = state_up["step"].item() == 0
+            pair = (
+                up,
+                down,
+                up.grad if up.grad is not None else torch.zeros_like(up),
+                down.grad if down.grad is not None else torch.zeros_like(down),
+                state_up,
+                state_down,
+            )
+            options = dict(
+                lr=group["lr"],
+                momentum=group["momentum"],
+                ns_steps=group["ns_steps"],
+                power_iters=max(group["first_power_iters"], group["power_iters"]) if first else group["power_iters"],
+                weight_decay=group["weight_decay"],
+                orthogonalize=group["orthogonalize"],
+                renormalize=group["renormalize"],
+                eps=group["eps"],
+            )
+            if self.batched:
+                batches[tuple(options.items())].append(pair)
+            else:
+                spectron_pair_update(*pair, **options)
+            stepped.append(group)
+        for options, pairs in batches.items():
+            spectron_update_batched(*(list(column) for column in zip(*pairs)), **dict(options))
+        for group in stepped:
+            up, down = group["params"]
+            state_up, state_down = self.state[up], self.state[down]
+            state_up["step"] += 1
+            state_down["step"] += 1
+            every = group["rebalance_every"]
+            if every and int(state_up["step"].item()) % every == 0:
+                rebalance_pair(up, down, state_up, state_down, power_iters=group["power_iters"], eps=group["eps"])
 
     def _adamw_step(self, group: dict) -> None:
-        for param in group["params"]:
-            if param.grad is None:
-                continue
+        params = [p for p in group["params"] if p.grad is not None]
+        for param in params:
             if not self.state[param]:
                 self.state[param].update(init_adamw_state(param))
+        if self.batched and params and all(p.device.type == "cpu" for p in params):
+            # torch's fused CPU kernel: one pass per tensor instead of adamw_update's five, and no temporaries
+            # (10x faster on an embedding); the arithmetic of adamw_update up to float32 rounding.
+            states = [self.state[p] for p in params]
+            steps = [state["step"] for state in states]
+            torch._foreach_add_(steps, 1)
+            beta1, beta2 = group["betas"]
+            torch._fused_adamw_(
+                params,
+                [p.grad for p in params],
+                [state["exp_avg"] for state in states],
+                [state["exp_avg_sq"] for state in states],
+                [],
+                steps,
+                amsgrad=False,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
+            return
+        for param in params:
             adamw_update(
                 param,
                 param.grad,
@@ -456,6 +516,12 @@ class Spectron(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, Tensor) and value.dtype != self.state[param][key].dtype:
                     self.state[param][key] = value.to(device=self.state[param][key].device)
+
+
+def _holds_dtensor(group: dict) -> bool:
+    # No DTensor can exist before torch.distributed.tensor is imported, and importing it costs a second.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in group["params"])
 
 
 def _validate_pair(group: dict) -> None:

@@ -74,6 +74,21 @@ class RunArguments:
     spike_threshold: float = field(default=4.0, metadata={"help": "Spike: loss above mean + threshold * std."})
     spike_min_increase: float = field(default=0.05, metadata={"help": "Spike: and at least this relative rise."})
     spike_warmup: int = field(default=50, metadata={"help": "Steps exempt from spike detection."})
+    spike_action: str = field(
+        default="log",
+        metadata={
+            "help": "On a loss spike: log (count it, apply the update), skip (drop this step's update), or rollback "
+            "(drop it and reload the last complete checkpoint, then continue with the next batches)."
+        },
+    )
+    max_rollbacks: int = field(default=3, metadata={"help": "Rollbacks allowed per run; a later spike stops it."})
+    max_consecutive_nonfinite: int = field(
+        default=5,
+        metadata={
+            "help": "Steps with a NaN/inf loss or gradient are skipped; this many in a row are tolerated, one more "
+            "stops the run (0: stop at the first)."
+        },
+    )
     sample_prompt: str = field(default="def ", metadata={"help": "Prompt of the generated sample printed at the end."})
     sample_tokens: int = field(default=48, metadata={"help": "Length of the generated sample."})
     eval_max_batches: int | None = field(
@@ -83,6 +98,15 @@ class RunArguments:
             "the final evaluation always uses the whole validation split."
         },
     )
+
+    def __post_init__(self):
+        if self.spike_action not in ("log", "skip", "rollback"):
+            raise ValueError(f"--spike_action must be one of log, skip, rollback; got {self.spike_action!r}.")
+        for name in ("max_rollbacks", "max_consecutive_nonfinite", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.eval_max_batches is not None and self.eval_max_batches < 1:
+            raise ValueError(f"--eval_max_batches must be >= 1 (or unset for all), got {self.eval_max_batches}.")
 
 
 @dataclass
@@ -108,6 +132,22 @@ class PretrainingArguments(TrainingArguments):
     dataloader_drop_last: bool = field(default=True, metadata={"help": "Keep every batch full-size."})
     seed: int = field(default=0, metadata={"help": "Seed of model init and data order."})
     dataloader_pin_memory: bool = field(default=False, metadata={"help": "Pin host memory (useful on GPUs only)."})
+
+    def __post_init__(self):
+        # Settings the stock TrainingArguments accepts but that crash mid-run or are silently ignored.
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.save_strategy == "steps" and self.save_steps <= 0:
+            raise ValueError(
+                f"--save_steps must be > 0 with --save_strategy steps (got {self.save_steps}, which never saves); "
+                "use --save_strategy no to save no checkpoints."
+            )
+        if self.eval_strategy == "steps" and self.eval_steps is not None and self.eval_steps <= 0:
+            raise ValueError(
+                f"--eval_steps must be > 0 with --eval_strategy steps (got {self.eval_steps}); use --eval_strategy no."
+            )
+        super().__post_init__()
 
 
 def resolve_learning_rate(training_args: TrainingArguments, optimizer_args: OptimizerArguments) -> None:

@@ -104,8 +104,10 @@ class DataArguments:
     )
     tokenizer_vocab_size: int | None = field(
         default=None,
-        metadata={"help": "Vocabulary size of the trained tokenizer (when --tokenizer_name is unset); default: the "
-                  "model's vocab_size (4096 without a model config)."},
+        metadata={
+            "help": "Vocabulary size of the trained tokenizer (when --tokenizer_name is unset); default: the "
+            "model's vocab_size (4096 without a model config)."
+        },
     )
     tokenizer_train_bytes: int | None = field(
         default=100_000_000,

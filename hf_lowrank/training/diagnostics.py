@@ -112,7 +112,7 @@ class SpectralDiagnosticsCallback(TrainerCallback):
 
     Keys (prefix ``diag/``): ``sigma_up_max``, ``sigma_up_mean``, ``sigma_down_max``, ``sigma_down_mean``,
     ``update_norm_max``, ``update_norm_mean``, ``update_over_lr_max``, and ``loss_spikes`` when a spike detector
-    is attached. With `LowRankTrainer` they are merged into the next regular log line, so they reach
+    is attached (`LowRankTrainer`'s step guard feeds that detector every step's loss, averaged over ranks). With `LowRankTrainer` they are merged into the next regular log line, so they reach
     ``trainer_state.json`` and every ``report_to`` backend; with a plain `Trainer` they are added in ``on_log``.
     """
 
@@ -174,12 +174,6 @@ class SpectralDiagnosticsCallback(TrainerCallback):
         if lr:
             logs["diag/update_over_lr_max"] = logs["diag/update_norm_max"] / lr
         self._pending.update(logs)
-
-    def record_loss(self, loss: float) -> bool:
-        """Called by `LowRankTrainer` with each optimizer step's loss; returns whether it was a spike."""
-        if self.spike_detector is None:
-            return False
-        return self.spike_detector.update(loss)
 
     def pop_logs(self) -> dict[str, float]:
         logs, self._pending = self._pending, {}

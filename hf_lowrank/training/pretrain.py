@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 import transformers
 from transformers import HfArgumentParser, default_data_collator, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..modeling_lowrank import LowRankLlamaForCausalLM
 from ..presets import PRESETS, count_parameters, preset_config
 from .arguments import ModelArguments, OptimizerArguments, PretrainingArguments, RunArguments, resolve_learning_rate
+from .checkpointing import latest_complete_checkpoint, resolve_resume_checkpoint
 from .data import DataArguments, build_datasets, resolve_block_size
 from .diagnostics import LossSpikeDetector, SpectralDiagnosticsCallback
+from .distributed import check_launch
+from .guards import StepGuard
 from .plots import plot_training_curves
 from .tokenizer import check_vocab
 from .trainer import LowRankTrainer
@@ -121,20 +123,44 @@ def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
 def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
     """The whole job; returns the final metrics. Separate from `main` so tests and the sweep can call it."""
     started = time.time()
+    check_launch(training_args)  # refuse ranks that would train alone or drift apart (R18)
     resolve_learning_rate(training_args, optimizer_args)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file, not a folder; choose another --output_dir.")
+    tokenizer_path = data_args.tokenizer_name
+    if tokenizer_path and tokenizer_path.startswith((".", "/", "~")) and not Path(tokenizer_path).expanduser().exists():
+        raise FileNotFoundError(
+            f"--tokenizer_name {tokenizer_path}: no such folder. Pass a saved tokenizer's folder or a Hub id, or leave "
+            "it unset to train a tokenizer on the data."
+        )
 
-    resume = training_args.resume_from_checkpoint
-    if resume is None and training_args.do_train is not False:
-        resume = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    # Resume from an explicit checkpoint (checked now, before any work), else from the newest complete and
+    # verified checkpoint in output_dir (incomplete or torn ones are skipped with a warning), else start fresh.
+    if training_args.resume_from_checkpoint is not None:
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint)
+    else:
+        resume = latest_complete_checkpoint(output_dir)
         if resume:
-            logger.info("Resuming from the newest checkpoint %s", resume)
+            logger.info("Resuming from the newest complete checkpoint %s", resume)
 
-    # Build (and so validate) the model config before any data work: a typo fails in a second, not after
-    # tokenization. A named tokenizer sets the vocabulary unless --config_overrides fixes vocab_size.
+    # Build (and so validate) the model config and the step guard before any data work: a typo fails in a
+    # second, not after tokenization. A named tokenizer sets the vocabulary unless --config_overrides fixes it.
     config = build_config(model_args)
+    spike_detector = LossSpikeDetector(
+        window=run_args.spike_window,
+        threshold=run_args.spike_threshold,
+        min_increase=run_args.spike_min_increase,
+        warmup=run_args.spike_warmup,
+    )
+    guard = StepGuard(
+        max_consecutive_nonfinite=run_args.max_consecutive_nonfinite,
+        spike_detector=spike_detector,
+        spike_action=run_args.spike_action,
+        max_rollbacks=run_args.max_rollbacks,
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
     with training_args.main_process_first(desc="tokenizer and dataset preparation"):
         tokenizer, train_dataset, eval_dataset = build_datasets(
             data_args,
@@ -169,12 +195,7 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
 
     diagnostics = SpectralDiagnosticsCallback(
         every=run_args.diagnostics_steps or max(1, int(training_args.logging_steps)),
-        spike_detector=LossSpikeDetector(
-            window=run_args.spike_window,
-            threshold=run_args.spike_threshold,
-            min_increase=run_args.spike_min_increase,
-            warmup=run_args.spike_warmup,
-        ),
+        spike_detector=spike_detector,  # the same detector the guard feeds: diag/loss_spikes counts its spikes
     )
     periodic_eval = eval_dataset
     if run_args.eval_max_batches is not None and eval_dataset is not None:
@@ -189,6 +210,7 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
         processing_class=tokenizer,
         callbacks=[diagnostics],
         optimizer_args=optimizer_args,
+        guard=guard,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.time() - started
@@ -204,6 +226,8 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
         "unigram_loss": unigram_cross_entropy(train_dataset, eval_dataset, config.vocab_size),
         "eval_tokens": len(eval_dataset) * len(eval_dataset[0]["input_ids"]),
         "loss_spikes": diagnostics.spike_detector.spikes,
+        "skipped_steps": guard.skipped_steps,
+        "rollbacks": guard.rollbacks,
         "max_update_over_lr": max(
             (row["diag/update_over_lr_max"] for row in trainer.state.log_history if "diag/update_over_lr_max" in row),
             default=None,
@@ -211,6 +235,9 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
         "parameters": counts.total,
         "dense_parameters": counts.dense_total,
     }
+    # Every rank generates: under FSDP a forward pass is a collective, so rank 0 alone would hang (R17).
+    metrics["sample"] = generate_sample(model, tokenizer, run_args.sample_prompt, run_args.sample_tokens)
+    metrics["wall_time_s"] = round(time.time() - started, 1)
     if trainer.is_world_process_zero():
         trainer.save_state()
         _write_json(output_dir / "metrics.json", metrics)
@@ -254,8 +281,6 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
             },
         )
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
-        metrics["sample"] = generate_sample(model, tokenizer, run_args.sample_prompt, run_args.sample_tokens)
-        metrics["wall_time_s"] = round(time.time() - started, 1)
     return metrics
 
 

@@ -1,0 +1,372 @@
+"""Crash-safe checkpoints: atomic saves, a completion manifest, verified resume, safe loading (R1, R2, R7).
+
+A save writes everything into a hidden staging folder next to the final one (``.tmp-checkpoint-N``), fsyncs
+every file and the folder, renames it to ``checkpoint-N``, fsyncs the parent, and only then writes
+``checkpoint_manifest.json`` (the size and sha256 of every file), itself atomically. A checkpoint is
+*complete* when its manifest exists and every listed file has the listed size and hash. Resume picks the
+newest complete checkpoint; an incomplete or torn one is skipped with a warning naming the bad file, and
+rotation never deletes the newest complete checkpoint.
+
+Everything in a checkpoint other than the weights (safetensors) is loaded with ``torch.load(weights_only=True)``
+or is JSON. ``training_args.bin``, which transformers pickles, is never loaded.
+
+Test hook: with the environment variable ``HF_LOWRANK_TEST_CRASH_AT`` set to one of :data:`SAVE_STAGES`, the
+process kills itself with SIGKILL when a save reaches that stage, so tests can crash a real run mid-save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "checkpoint_manifest.json"
+EXTRA_STATE_NAME = "lowrank_trainer_state.json"  # guard counters and spike-detector state, JSON
+STAGING_PREFIX = ".tmp-"  # .tmp-checkpoint-N: being written; never matches checkpoint-*
+TRASH_PREFIX = ".trash-"  # .trash-checkpoint-N: being deleted
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+CRASH_ENV = "HF_LOWRANK_TEST_CRASH_AT"
+# In order: weights written, optimizer/scheduler/RNG written, trainer state written, files fsynced, folder
+# renamed (no manifest yet), manifest written, first old checkpoint moved out by rotation.
+SAVE_STAGES = ("model", "optimizer", "state", "fsync", "rename", "manifest", "rotate")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, torn, tampered with or unsafe to load; the message names the file."""
+
+
+def crash_point(stage: str) -> None:
+    """Test hook: SIGKILL this process at ``stage`` of a save when ``HF_LOWRANK_TEST_CRASH_AT`` names it."""
+    assert stage in SAVE_STAGES, stage
+    if os.environ.get(CRASH_ENV) == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------- durability
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or a new entry in ``path`` durable (the folder's own metadata)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """Write JSON to ``path`` through a temporary file, fsynced and renamed, so readers see all or nothing."""
+    path = Path(path)
+    tmp = path.with_name(f"{STAGING_PREFIX}{path.name}")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- naming
+def staging_dir(run_dir: str | os.PathLike, name: str) -> Path:
+    return Path(run_dir) / f"{STAGING_PREFIX}{name}"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """``checkpoint-N`` folders of ``run_dir``, oldest (smallest N) first, complete or not."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
+
+def is_complete(checkpoint: str | os.PathLike) -> bool:
+    """Whether the save of ``checkpoint`` finished (its manifest exists); :func:`verify_checkpoint` checks files."""
+    return (Path(checkpoint) / MANIFEST_NAME).is_file()
+
+
+# ---------------------------------------------------------------------------------------------- save
+def commit_checkpoint(staging: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Turn a fully written staging folder into the complete checkpoint ``final`` (main process only).
+
+    fsync every file and the folder, rename to ``final``, fsync the parent, then write the manifest last. A folder
+    already named ``final`` (an interrupted save of the same step, or a checkpoint being redone after resuming
+    from an older one) is moved aside to ``.trash-checkpoint-N`` and deleted only once the new one is complete;
+    :func:`remove_leftovers` puts it back if the process dies before that.
+    """
+    staging, final = Path(staging), Path(final)
+    for path in _files(staging):
+        fsync_file(path)
+    for folder in sorted({p.parent for p in _files(staging)} | {staging}, key=lambda p: -len(p.parts)):
+        fsync_dir(folder)
+    crash_point("fsync")
+    replaced = None
+    if final.exists():
+        logger.warning("Replacing %s, which an earlier save left behind, with a new save of the same step.", final)
+        replaced = final.with_name(f"{TRASH_PREFIX}{final.name}")
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        os.rename(final, replaced)
+    os.rename(staging, final)
+    fsync_dir(final.parent)
+    crash_point("rename")
+    write_manifest(final)
+    crash_point("manifest")
+    if replaced is not None:
+        shutil.rmtree(replaced)
+
+
+def write_manifest(checkpoint: str | os.PathLike) -> None:
+    """Record the size and sha256 of every file of ``checkpoint`` in its manifest, atomically: the completion
+    marker, written last."""
+    checkpoint = Path(checkpoint)
+    files = {
+        str(p.relative_to(checkpoint)): {"size": p.stat().st_size, "sha256": sha256(p)}
+        for p in _files(checkpoint)
+        if p.name != MANIFEST_NAME
+    }
+    write_json_atomic(checkpoint / MANIFEST_NAME, {"format": 1, "files": files})
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a folder so that a crash midway never leaves a half-deleted ``checkpoint-N``: rename it to a
+    hidden trash name first (atomic), then delete."""
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.rename(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash)
+
+
+def remove_leftovers(run_dir: str | os.PathLike) -> None:
+    """Clean up after a save or a rotation that was interrupted (main process, when training starts).
+
+    Staging folders are deleted. A trash folder holds a checkpoint that was being replaced or deleted: it is put
+    back when it is complete and its step has no complete checkpoint any more, and deleted otherwise.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    for path in sorted(run_dir.iterdir()):
+        if not (path.is_dir() and path.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and "checkpoint-" in path.name):
+            continue
+        if path.name.startswith(TRASH_PREFIX):
+            final = run_dir / path.name[len(TRASH_PREFIX) :]
+            if is_complete(path) and not is_complete(final):
+                if final.exists():
+                    shutil.rmtree(final)
+                os.rename(path, final)
+                logger.warning("Restored %s, whose replacement was interrupted.", final)
+                continue
+        logger.warning("Removing %s, left by an interrupted checkpoint save.", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def rotate_checkpoints(run_dir: str | os.PathLike, save_total_limit: int | None, keep: set[str] = frozenset()) -> None:
+    """Keep the newest ``save_total_limit`` *complete* checkpoints (plus those in ``keep``, e.g. the best one).
+
+    Incomplete checkpoints older than the newest complete one are garbage of interrupted saves and are deleted;
+    newer incomplete ones are left alone (never picked for resume, replaced when that step is saved again).
+    The newest complete checkpoint is never deleted.
+    """
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    checkpoints = list_checkpoints(run_dir)
+    complete = [p for p in checkpoints if is_complete(p)]
+    if not complete:
+        return
+    newest = complete[-1]
+    protected = {str(p) for p in complete[-save_total_limit:]} | {str(Path(k)) for k in keep} | {str(newest)}
+    doomed = [p for p in complete if str(p) not in protected]
+    doomed += [p for p in checkpoints if not is_complete(p) and checkpoint_step(p) < checkpoint_step(newest)]
+    for i, path in enumerate(sorted(doomed, key=checkpoint_step)):
+        logger.info("Deleting older checkpoint %s (save_total_limit=%d).", path, save_total_limit)
+        _remove_tree(path)
+        if i == 0:
+            crash_point("rotate")
+
+
+# ---------------------------------------------------------------------------------------------- verify
+_verified: dict[str, tuple] = {}  # path -> file signature at its last successful verification
+
+
+def _signature(checkpoint: Path) -> tuple:
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in _files(checkpoint))
+
+
+def verify_checkpoint(checkpoint: str | os.PathLike) -> None:
+    """Raise :class:`CheckpointError` naming the file unless every file in the manifest has its size and hash.
+
+    A checkpoint whose files have not changed since it last passed is not hashed again.
+    """
+    checkpoint = Path(checkpoint)
+    manifest_path = checkpoint / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} is incomplete: it has no {MANIFEST_NAME} (its save was interrupted)."
+        )
+    signature = _signature(checkpoint)
+    if _verified.get(str(checkpoint)) == signature:
+        return
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"{manifest_path} is unreadable ({error}).") from error
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {manifest_path}).")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(
+                f"{path} is torn: {size} bytes where the manifest records {expected['size']} (truncated or rewritten "
+                "after the save)."
+            )
+        if sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} does not match its sha256 in {manifest_path} (corrupted or tampered with).")
+    _verified[str(checkpoint)] = signature
+
+
+def latest_complete_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` in ``run_dir`` that is complete and verified, or None.
+
+    Newer checkpoints that are incomplete or torn are skipped with a warning that names the bad file.
+    """
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(checkpoint)
+        except CheckpointError as error:
+            logger.warning("Not resuming from %s: %s Falling back to an older checkpoint.", checkpoint, error)
+            continue
+        return str(checkpoint)
+    return None
+
+
+def resolve_resume_checkpoint(path: str | os.PathLike) -> str:
+    """Check a user-given ``resume_from_checkpoint`` folder before anything is loaded or written."""
+    checkpoint = Path(path)
+    if not checkpoint.exists():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {path}: no such folder. Pass an existing checkpoint-N folder, or leave it "
+            "unset to resume from the newest complete checkpoint in --output_dir (or start fresh if there is none)."
+        )
+    if not checkpoint.is_dir():
+        raise ValueError(f"--resume_from_checkpoint {path} is a file; pass a checkpoint-N folder.")
+    if is_complete(checkpoint):
+        verify_checkpoint(checkpoint)
+    elif list_checkpoints(checkpoint):
+        raise ValueError(
+            f"--resume_from_checkpoint {path} is a run folder, not a checkpoint; pass one of its checkpoint-N "
+            f"folders (e.g. {list_checkpoints(checkpoint)[-1]})."
+        )
+    else:
+        logger.warning(
+            "Checkpoint %s has no %s (written by another tool, or its save was interrupted): loading it unverified.",
+            checkpoint,
+            MANIFEST_NAME,
+        )
+    return str(checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------- load
+def load_state_file(path: str | os.PathLike, map_location="cpu"):
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, so a pickle payload is
+    refused and never runs. Any failure is a :class:`CheckpointError` naming the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # noqa: BLE001 - re-raised with the file's name
+        if "weights_only" in str(error) or "Unsupported global" in str(error):
+            raise CheckpointError(
+                f"Refused to load {path}: it is not a plain tensor file (torch.load(weights_only=True) rejected it; "
+                "it may carry code). Nothing from it was run. Delete this checkpoint or restore it from a trusted "
+                f"copy. Details: {str(error).splitlines()[0]}"
+            ) from error
+        raise CheckpointError(f"Could not load {path} (truncated or corrupted?): {error}") from error
+
+
+def check_weights_fit(checkpoint: str | os.PathLike, model: torch.nn.Module) -> None:
+    """Refuse, before any weight is loaded, a checkpoint saved for a model of another shape.
+
+    Compares the safetensors headers (names and shapes; no data is read) with ``model``'s state dict. Tensors the
+    model ties to another one (the LM head of tied embeddings) may be absent from the file.
+    """
+    checkpoint = Path(checkpoint)
+    if (checkpoint / "adapter_config.json").is_file():
+        return  # a PEFT adapter checkpoint: PEFT checks its own tensors
+    files = sorted(checkpoint.glob("model*.safetensors"))
+    if not files:
+        if any(checkpoint.glob("pytorch_model*.bin")):
+            raise CheckpointError(
+                f"{checkpoint} holds pickled weights (pytorch_model*.bin) and no model.safetensors; only safetensors weights are "
+                "loaded (pickle can run code). Convert the weights to safetensors."
+            )
+        return
+    saved: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():
+                    saved[key] = tuple(handle.get_slice(key).get_shape())
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"Could not read {path} (truncated or corrupted?): {error}") from error
+    state = model.state_dict()
+    expected = {key: tuple(value.shape) for key, value in state.items()}
+    sharing: dict[int, list[str]] = {}  # storage -> the keys that view it (tied weights)
+    for key, value in state.items():
+        sharing.setdefault(value.data_ptr(), []).append(key)
+    wrong_shape = [
+        f"{k}: checkpoint {saved[k]}, model {v}" for k, v in expected.items() if k in saved and saved[k] != v
+    ]
+    unexpected = sorted(set(saved) - set(expected))
+    missing = [k for k in expected if not any(t in saved for t in sharing[state[k].data_ptr()])]
+    if wrong_shape or unexpected or missing:
+        details = "; ".join(
+            part
+            for part in (
+                f"{len(wrong_shape)} tensors differ in shape (e.g. {wrong_shape[0]})" if wrong_shape else "",
+                f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[0]})" if unexpected else "",
+                f"{len(missing)} model tensors missing (e.g. {missing[0]})" if missing else "",
+            )
+            if part
+        )
+        raise ValueError(
+            f"Checkpoint {checkpoint} was saved for a different model: {details}. Resume with the model settings it "
+            "was trained with (--preset, --config_overrides, --rank/--rank_ratio, --dense), or start a new run in a "
+            "new --output_dir."
+        )
