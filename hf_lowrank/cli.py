@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("hf_lowrank.hub:main", "publish MODEL_DIR to the Hub in one commit with a generated model card"),
     "convert": ("hf_lowrank.convert:main", "convert Llama <-> low-rank (--from-dense | --to-dense SRC DST)"),
     "evaluate": ("hf_lowrank.evaluation:main", "sliding-window perplexity of MODEL_DIR; writes eval_results.json"),
+    "finetune": ("hf_lowrank.finetune:main", "LoRA fine-tuning (PEFT) of a factorized model through the Trainer"),
     "pretrain": ("hf_lowrank.training.pretrain:main", "pretrain a factorized model (Spectron) through the HF Trainer"),
 }
 

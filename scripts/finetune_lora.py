@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Thin entry point: `python scripts/finetune_lora.py [args]` == `hf-lowrank finetune [args]`."""
+
+import sys
+
+from hf_lowrank.finetune import main
+
+if __name__ == "__main__":
+    sys.exit(main())
