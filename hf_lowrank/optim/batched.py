@@ -5,15 +5,17 @@ The reference steps one pair at a time and runs Newton–Schulz on the tall (lon
 ``X ← aX + X(bS + cS²)``: 20·long·r² + 10·r³ flops per factor. Here:
 
 * **Newton–Schulz in Gram form.** Every iterate is ``X_k = X₀ P_k`` with ``P_k`` a polynomial in
-  ``S₀ = X₀ᵀX₀`` (r × r): ``Q_k = aI + bS_k + cS_k²``, ``P_{k+1} = P_k Q_k``, ``S_{k+1} = Q_k S_k Q_k``. The long
-  dimension is touched twice, for ``S₀`` and for ``X₀ P``: 4·long·r² + 34·r³ flops, 1.8× fewer than the
-  reference for a square layer at rank ratio 0.25 (long = 4r) and 2.9× fewer for a 2.75× MLP (long = 11r).
+  ``S₀ = X₀ᵀX₀`` (r × r): ``Q_k = aI + bS_k + cS_k²``, ``P_{k+1} = P_k Q_k``, ``S_{k+1} = Q_k S_k Q_k``, all in
+  r × r. After ``GRAM_RESTART_AFTER`` rounds the iterate is formed once explicitly (float32 accuracy, see there),
+  so the long dimension is touched four times instead of ten: 8·long·r² + 28·r³ flops per factor for 5 rounds,
+  against the reference's 20·long·r² + 10·r³: 1.5× fewer for a square layer at rank ratio 0.25 (long = 4r),
+  2× fewer for a 2.75× MLP (long = 11r).
 * **The step folded into the product.** ``p ← p − ρ·NS(M)`` is ``p ← p + M·(−ρ·P)``: one ``addmm_`` into the
   parameter, no long × r temporary.
 * **Batching.** The r × r iterations of all factors of one rank run as batched matmuls; the elementwise parts
   (weight decay, momentum) as ``torch._foreach_*`` over all factors.
 
-Factors are never transposed or copied: a wide factor (r × long) uses ``M Mᵀ`` and ``Pᵀ M``, the same numbers as
+Factors are never copied into their tall orientation: a wide factor (r × long) uses ``M Mᵀ`` and ``Pᵀ M``, the same numbers as
 the reference's tall view. The per-factor state (``momentum_buffer``, ``u``, ``v``, ``sigma``) is the reference's,
 so checkpoints do not depend on the path. All spectral math is float32 whatever the parameter dtype.
 """
@@ -27,9 +29,15 @@ from .spectron import NS_COEFFICIENTS, power_iteration
 
 # Newton–Schulz rounds done in Gram form before the iterate is formed explicitly and its Gram recomputed. Over five
 # rounds in Gram form P grows to ~a⁵ ≈ 490 in the directions of small singular values and float32 rounding of P
-# reaches 1e-4 of the result (cond(M) ≥ 100); forming X₃ = X₀P₃ and restarting keeps the result within 3e-6 of
+# reaches 1e-4 of the result (cond(M) ≥ 100); forming X₃ = X₀P₃ and restarting keeps the result within 5e-6 of
 # a float64 Newton–Schulz, as close as the reference (tests/test_spectron_fast.py), for two more long × r² products.
 GRAM_RESTART_AFTER = 3
+
+# Factors of one rank are processed in chunks of at most this many momentum elements (32 MiB of float32), which
+# bounds the step's temporaries (explicit iterates, Grams) to a few times that instead of a multiple of all the
+# factors: unchunked, they set the peak memory of training (+30% of the factorized model's peak at width 2048).
+# bmm batches of a chunk are still large enough to run at full speed.
+CHUNK_ELEMENTS = 2**23
 
 
 def _is_wide(m: Tensor) -> bool:
@@ -78,19 +86,23 @@ def _times(m: Tensor, p: Tensor) -> Tensor:
 def newton_schulz_factors(momenta: list[Tensor], steps: int = 5, eps: float = 1e-7) -> tuple[list[Tensor], Tensor]:
     """``(bases, polynomials)`` with ``NS(momenta[i]) = bases[i] · polynomials[i]`` (tall view, r × r on the right).
 
-    ``momenta``: float32 matrices of one rank, any orientation. The first ``GRAM_RESTART_AFTER`` rounds run in
-    Gram form on ``M``'s normalized Gram; the rest on the Gram of the explicit ``X₃`` (then ``bases`` holds the
-    ``X₃``, else the momenta themselves). The normalization ``1/(‖M‖_F + eps)`` is folded into the polynomials,
-    and the Gram is taken of the raw momentum and scaled afterwards, as the reference does.
+    ``momenta``: float32 matrices of one rank, any orientation. Rounds run in Gram form in stages of at most
+    ``GRAM_RESTART_AFTER``; between stages the iterate is formed explicitly and its Gram recomputed, so ``bases``
+    are the momenta themselves for ``steps <= GRAM_RESTART_AFTER`` and the last explicit iterate otherwise. The
+    normalization ``1/(‖M‖_F + eps)`` is folded into the first stage's polynomials; the Gram is taken of the raw
+    momentum and scaled afterwards, as the reference does.
     """
     grams = _grams(momenta)
     scale = 1.0 / (grams.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt() + eps)  # ‖M‖_F² = tr(MᵀM)
-    first = min(steps, GRAM_RESTART_AFTER)
-    polynomials = gram_polynomials(grams * (scale * scale)[:, None, None], first) * scale[:, None, None]
-    if steps == first:
-        return momenta, polynomials
-    bases = [_times(m, p) for m, p in zip(momenta, polynomials.unbind(0))]
-    return bases, gram_polynomials(_grams(bases), steps - first)
+    rounds = min(steps, GRAM_RESTART_AFTER)
+    polynomials = gram_polynomials(grams * (scale * scale)[:, None, None], rounds) * scale[:, None, None]
+    bases, remaining = momenta, steps - rounds
+    while remaining:
+        bases = [_times(m, p) for m, p in zip(bases, polynomials.unbind(0))]
+        rounds = min(remaining, GRAM_RESTART_AFTER)
+        polynomials = gram_polynomials(_grams(bases), rounds)
+        remaining -= rounds
+    return bases, polynomials
 
 
 def newton_schulz_many(momenta: list[Tensor], steps: int = 5, eps: float = 1e-7) -> list[Tensor]:
@@ -98,6 +110,24 @@ def newton_schulz_many(momenta: list[Tensor], steps: int = 5, eps: float = 1e-7)
     orientation), in Gram form and batched. Equal to the reference up to float32 rounding."""
     bases, polynomials = newton_schulz_factors(momenta, steps, eps)
     return [_times(m, p) for m, p in zip(bases, polynomials.unbind(0))]
+
+
+def _chunks(momenta: list[Tensor]) -> list[list[int]]:
+    """Indices of ``momenta`` grouped by rank and device, each group cut into chunks of ``CHUNK_ELEMENTS``."""
+    by_rank: dict[tuple, list[int]] = defaultdict(list)
+    for index, m in enumerate(momenta):
+        by_rank[(min(m.shape), m.device)].append(index)
+    chunks = []
+    for members in by_rank.values():
+        chunk, size = [], 0
+        for index in members:
+            if chunk and size + momenta[index].numel() > CHUNK_ELEMENTS:
+                chunks.append(chunk)
+                chunk, size = [], 0
+            chunk.append(index)
+            size += momenta[index].numel()
+        chunks.append(chunk)
+    return chunks
 
 
 @torch.no_grad()
@@ -147,10 +177,7 @@ def spectron_update_batched(
         rho = torch.full((n_pairs,), float(lr), device=sigmas.device)
     rho_per_factor = torch.cat([rho, rho])
 
-    by_rank: dict[tuple, list[int]] = defaultdict(list)
-    for index, m in enumerate(momenta):
-        by_rank[(min(m.shape), m.device)].append(index)
-    for members in by_rank.values():
+    for members in _chunks(momenta):
         group_momenta = [momenta[i] for i in members]
         if not orthogonalize:  # M/‖M‖₂ = X₀/σ_max(X₀), σ_max² the top eigenvalue of the normalized Gram
             grams = _grams(group_momenta)

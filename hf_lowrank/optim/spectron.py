@@ -314,10 +314,11 @@ class Spectron(torch.optim.Optimizer):
             (the product is unchanged, the momenta are rescaled like gradients); 0 (default) never.
         eps: added to every norm that divides (Newton–Schulz, power iteration, renormalization).
         adamw_betas, adamw_eps: defaults of the AdamW groups.
-        batched: step all pairs that share hyperparameters at once: same-shaped factors stacked, Newton–Schulz
-            in its r × r Gram form and power iteration as batched matmuls (:mod:`hf_lowrank.optim.batched`);
-            the same result as the per-pair reference ``spectron_pair_update`` (``batched=False``) up to float32
-            rounding, 2-4x faster on CPU (docs/benchmarks.md).
+        batched: the fast path (default): all pairs that share hyperparameters in one step, Newton–Schulz in its
+            r × r Gram form batched over factors of one rank (:mod:`hf_lowrank.optim.batched`), and AdamW groups
+            on CPU through torch's fused kernel. ``False`` runs the reference ``spectron_pair_update`` pair by pair
+            and ``adamw_update``. Same results up to float32 rounding (tests/test_spectron_fast.py), same state;
+            1.8-2.1x faster on CPU (docs/benchmarks.md).
 
     State (tensors only, loadable with ``torch.load(weights_only=True)``): per factor ``momentum_buffer``
     (float32), power-iteration vectors ``u`` (long,) and ``v`` (r,), the last ``sigma`` and ``step`` (a CPU

@@ -117,7 +117,7 @@ class PretrainingArguments(TrainingArguments):
     learning_rate: float | None = field(
         default=None, metadata={"help": "Peak lr; default depends on --optimizer (spectron 0.02, adamw 3e-3)."}
     )
-    max_steps: int = field(default=400, metadata={"help": "Optimizer steps."})
+    max_steps: int = field(default=250, metadata={"help": "Optimizer steps."})
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Sequences per device per step."})
     per_device_eval_batch_size: int = field(default=16, metadata={"help": "Sequences per device per eval step."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "LR decay after the warm-up."})

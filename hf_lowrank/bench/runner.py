@@ -1,0 +1,151 @@
+"""``scripts/bench.py``: run the benchmark, print its tables and verdicts, write JSON and markdown."""
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from .memory import VARIANTS, analytic_preset_ratios, measure_in_subprocess
+from .report import evaluate_targets, markdown
+from .suite import (
+    DEFAULT_SHAPES,
+    SMOKE_SHAPES,
+    BenchShape,
+    build_model,
+    measure_generation,
+    measure_training,
+    summarize_optimizer,
+    summarize_training,
+)
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import transformers
+
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def run_benchmark(
+    shapes=DEFAULT_SHAPES,
+    repetitions: int = 7,
+    generation_repetitions: int = 5,
+    memory: bool = True,
+    reference: bool = True,
+    compile: bool = True,
+    log=print,
+) -> dict:
+    """Measure every shape; returns the JSON-able result with per-shape summaries, raw timings and verdicts."""
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {"repetitions": repetitions, "generation_repetitions": generation_repetitions},
+        "shapes": [],
+    }
+    for shape in shapes:
+        log(f"[bench] {shape.name}: training ({repetitions} interleaved repetitions)")
+        dense, factorized = build_model(shape, False), build_model(shape, True)
+        rows = measure_training(shape, dense, factorized, repetitions, reference=reference)
+        entry = {
+            "shape": shape.describe(),
+            "training": summarize_training(shape, rows),
+            "optimizer": summarize_optimizer(shape, rows),
+            "training_rows": rows,
+        }
+        if compile:
+            log(f"[bench] {shape.name}: training with torch.compile (compiling first)")
+            rows = measure_training(shape, dense, factorized, repetitions, spectron=False, compile=True)
+            entry["training_compiled"] = summarize_training(shape, rows)
+            entry["training_compiled_rows"] = rows
+        if generation_repetitions:
+            log(f"[bench] {shape.name}: generation")
+            entry["generation"] = measure_generation(shape, dense, factorized, generation_repetitions)
+        del dense, factorized
+        gc.collect()
+        if memory:
+            log(f"[bench] {shape.name}: memory (a fresh process per variant)")
+            variants = {v: measure_in_subprocess(shape, v) for v in VARIANTS}
+            dense_peak = variants["dense_adamw"]
+            entry["memory"] = {
+                "variants": variants,
+                "peak_ratio": variants["factorized_spectron"]["peak_bytes"] / dense_peak["peak_bytes"],
+                "model_state_ratio": variants["factorized_spectron"]["model_state_bytes"]
+                / dense_peak["model_state_bytes"],
+            }
+        result["shapes"].append(entry)
+    result["analytic_model_state"] = analytic_preset_ratios()
+    result["machine"]["load_average_at_end"] = os.getloadavg()
+    result["targets"] = evaluate_targets(result["shapes"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench.py",
+        description="Factorized vs dense: training throughput, Spectron vs AdamW, memory, generation.",
+    )
+    parser.add_argument("--widths", type=int, nargs="+", help="only these hidden sizes of the default shapes")
+    parser.add_argument("--repetitions", type=int, default=7)
+    parser.add_argument("--generation-repetitions", type=int, default=5, help="0 skips generation")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--no-reference", action="store_true", help="skip timing the per-pair reference Spectron")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile training pass")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny shape, 2 repetitions: checks the plumbing")
+    parser.add_argument("--out", type=Path, help="write JSON here and markdown beside it (.md)")
+    parser.add_argument("--render", type=Path, help="only re-render the markdown of an existing JSON result")
+    args = parser.parse_args(argv)
+    if args.render:
+        table = markdown(json.loads(args.render.read_text()))
+        args.render.with_suffix(".md").write_text(table)
+        print(table)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = SMOKE_SHAPES if args.smoke else DEFAULT_SHAPES
+    if args.widths:
+        unknown = sorted(set(args.widths) - {s.hidden_size for s in shapes})
+        if unknown:
+            raise SystemExit(f"--widths {unknown}: not among {[s.hidden_size for s in shapes]}")
+        shapes = tuple(s for s in shapes if s.hidden_size in args.widths)
+    repetitions = 2 if args.smoke else args.repetitions
+    result = run_benchmark(
+        shapes,
+        repetitions=repetitions,
+        generation_repetitions=min(args.generation_repetitions, repetitions),
+        memory=not args.no_memory,
+        reference=not args.no_reference,
+        compile=not args.no_compile,
+        log=lambda message: print(message, file=sys.stderr, flush=True),
+    )
+    result["settings"]["command"] = " ".join(["python scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
+    table = markdown(result)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(table)
+    return 0
+
+
+__all__ = ["BenchShape", "main", "run_benchmark"]
