@@ -46,6 +46,7 @@ def summarize(plan: SweepPlan, done: dict[str, dict], data_info: dict) -> dict:
             "spikes_best": [r["spikes"] for r in seeds],
             "max_update_norm_best": max((r["max_update_norm"] for r in seeds), default=None),
             "max_update_norm_top_lr": next((r["max_update_norm"] for r in grid if r["lr"] == max(lrs)), None),
+            "top_stable_lr": max((r["lr"] for r in grid if not r["diverged"]), default=None),
             "equal_flops": [_brief(r) for r in flops_runs],
         }
     equal_flops = []
@@ -142,8 +143,9 @@ def results_markdown(summary: dict) -> str:
         "## Per variant",
         "",
         "| variant | lr grid | best lr | final loss (best lr) | diverged / grid | spikes at best lr (per seed) "
-        "| spikes over grid | max ‖ΔW‖₂ at best lr | max ‖ΔW‖₂ at top lr |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| spikes over grid | max ‖ΔW‖₂ at best lr | max ‖ΔW‖₂ at the largest lr that did not diverge | "
+        "max ‖ΔW‖₂ at top lr |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     notes = []
     for v in summary["variants"].values():
@@ -156,7 +158,7 @@ def results_markdown(summary: dict) -> str:
         lines.append(
             f"| {v['label']} | {grid} | {best} | {loss} | {v['diverged']} / {len(v['grid'])} | "
             f"{', '.join(map(str, v['spikes_best'])) or '—'} | {v['spikes_grid']} | "
-            f"{_num(v['max_update_norm_best'])} | {_num(v['max_update_norm_top_lr'])} |"
+            f"{_num(v['max_update_norm_best'])} | {_stable(v)} | {_num(v['max_update_norm_top_lr'])} |"
         )
         if not v["grid_complete"]:
             notes.append(f"- {v['label']}: grid incomplete ({len(v['grid'])} of {len(v['lr_grid'])} runs).")
@@ -202,6 +204,13 @@ def results_markdown(summary: dict) -> str:
 
 def _num(x: float | None) -> str:
     return "—" if x is None else f"{x:.3g}"
+
+
+def _stable(variant: dict) -> str:
+    lr = variant["top_stable_lr"]
+    if lr is None:
+        return "—"
+    return f"{_num(next(r['max_update_norm'] for r in variant['grid'] if r['lr'] == lr))} (lr {lr:g})"
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -289,17 +298,20 @@ def plot_all(out_dir: Path, plan: SweepPlan, done: dict[str, dict], summary: dic
     plt.close(fig)
 
     # ‖ΔW‖₂ over training at the best lr and at the top of each grid.
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True, sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5), constrained_layout=True, sharey=True)
     for name, v in variants.items():
+        best = v["best_seeds"][0] if v["best_seeds"] else None
+        stable = next((r for r in v["grid"] if r["lr"] == v["top_stable_lr"]), None)
         top = next((r for r in v["grid"] if r["lr"] == max(v["lr_grid"])), None)
-        for ax, run in zip(axes, (v["best_seeds"][0] if v["best_seeds"] else None, top)):
+        for ax, run in zip(axes, (best, stable, top)):
             if run is None:
                 continue
             points = [(s, u) for s, u in done[run["id"]]["update_norms"] if math.isfinite(u) and u > 0]
             if points:
                 ax.plot(*zip(*points), color=colors[name], label=f"{v['label']}, lr {run['lr']:g}", lw=1)
     axes[0].set_title("max ‖ΔW‖₂ per step, best lr")
-    axes[1].set_title("max ‖ΔW‖₂ per step, largest lr of each grid")
+    axes[1].set_title("max ‖ΔW‖₂ per step, largest lr that did not diverge")
+    axes[2].set_title("max ‖ΔW‖₂ per step, largest lr of each grid (diverged runs stop early)")
     for ax in axes:
         ax.set(yscale="log", xlabel="step", ylabel="max over projections of ‖ΔW‖₂")
         ax.legend(fontsize=7)

@@ -54,14 +54,14 @@ VARIANTS: dict[str, Variant] = {
 # AdamW's lr is a per-entry step; the Spectron family's lr is the spectral-norm bound of each step's ΔW (with
 # "muon", ‖ΔA‖₂ ≈ lr per factor, so ‖ΔW‖₂ ≈ lr·(‖A‖₂ + ‖B‖₂)). Half-decade grids, at least 100× wide. The first
 # full sweep ran five values per variant; the values marked "added" were run after it, because the best lr sat at
-# an edge (dense 1e-3, renorm 0.03) or because no run had diverged yet (the top of AdamW and muon).
+# an edge (dense 1e-3, renorm 0.03) or because no run of the variant had diverged yet (the tops of the grids).
 DEFAULT_LR_GRIDS: dict[str, tuple[float, ...]] = {
     "dense-adamw": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),  # added: 3e-4, 0.3, 1
     "lowrank-adamw": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),  # added: 0.3, 1
     "lowrank-muon": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0),  # added: 1
     "lowrank-renorm": (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),  # added: 0.003, 0.01
-    "lowrank-spectron": (0.01, 0.03, 0.1, 0.3, 1.0),
-    "lowrank-spectron-rebalance": (0.01, 0.03, 0.1, 0.3, 1.0),
+    "lowrank-spectron": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),  # added: 3
+    "lowrank-spectron-rebalance": (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),  # added: 3
 }
 
 
