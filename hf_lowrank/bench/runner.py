@@ -54,8 +54,13 @@ def run_benchmark(
     reference: bool = True,
     compile: bool = True,
     log=print,
+    checkpoint=None,
 ) -> dict:
-    """Measure every shape; returns the JSON-able result with per-shape summaries, raw timings and verdicts."""
+    """Measure every shape; returns the JSON-able result with per-shape summaries, raw timings and verdicts.
+
+    ``checkpoint(result)``, if given, is called after every shape with the result so far (verdicts included), so
+    an interrupted run keeps what it measured.
+    """
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -93,9 +98,12 @@ def run_benchmark(
                 / dense_peak["model_state_bytes"],
             }
         result["shapes"].append(entry)
-    result["analytic_model_state"] = analytic_preset_ratios()
-    result["machine"]["load_average_at_end"] = os.getloadavg()
-    result["targets"] = evaluate_targets(result["shapes"])
+        result["analytic_model_state"] = analytic_preset_ratios()
+        result["machine"]["load_average_at_end"] = os.getloadavg()
+        result["targets"] = evaluate_targets(result["shapes"])
+        result["complete"] = len(result["shapes"]) == len(shapes)
+        if checkpoint:
+            checkpoint(result)
     return result
 
 
@@ -129,6 +137,17 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--widths {unknown}: not among {[s.hidden_size for s in shapes]}")
         shapes = tuple(s for s in shapes if s.hidden_size in args.widths)
     repetitions = 2 if args.smoke else args.repetitions
+    command = " ".join(["python scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
+
+    def write(result: dict) -> str:
+        result["settings"]["command"] = command
+        table = markdown(result)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+            args.out.with_suffix(".md").write_text(table)
+        return table
+
     result = run_benchmark(
         shapes,
         repetitions=repetitions,
@@ -137,14 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         reference=not args.no_reference,
         compile=not args.no_compile,
         log=lambda message: print(message, file=sys.stderr, flush=True),
+        checkpoint=write,
     )
-    result["settings"]["command"] = " ".join(["python scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
-    table = markdown(result)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(table)
+    print(write(result))
     return 0
 
 

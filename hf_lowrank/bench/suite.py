@@ -29,7 +29,7 @@ class BenchShape:
     num_layers: int
     batch_size: int = 2
     seq_len: int = 256
-    vocab_size: int = 8192  # with a few layers, the head's share of flops is that of a full-depth 32k-vocab model
+    vocab_size: int = 8192  # on a few layers, keeps the head's share of flops near a full-depth 32k-vocab model's
     intermediate_ratio: float = 2.75  # LLaMA's 8/3 rounded up to a multiple of 128: 1408, 2816, 5632
     rank_ratio: float = 0.25
     head_dim: int = 64
