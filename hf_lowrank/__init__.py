@@ -4,13 +4,19 @@ Importing the package registers the model with the Auto classes, so saved models
 ``AutoModelForCausalLM.from_pretrained`` and no remote code.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import transformers
+from transformers import AutoConfig
 
+from . import modeling_lowrank
 from .configuration_lowrank import LOWRANK_PROJECTIONS, LowRankLlamaConfig
 from .modeling_lowrank import (
+    AUTO_CLASSES,
     LOWRANK_FACTOR_NAMES,
     LowRankLinear,
     LowRankLlamaForCausalLM,
+    LowRankLlamaForQuestionAnswering,
+    LowRankLlamaForSequenceClassification,
+    LowRankLlamaForTokenClassification,
     LowRankLlamaModel,
     LowRankLlamaPreTrainedModel,
 )
@@ -20,14 +26,14 @@ from .presets import PRESETS, count_parameters, dense_counterpart, preset_config
 __version__ = "0.1.0"
 
 AutoConfig.register(LowRankLlamaConfig.model_type, LowRankLlamaConfig, exist_ok=True)
-AutoModel.register(LowRankLlamaConfig, LowRankLlamaModel, exist_ok=True)
-AutoModelForCausalLM.register(LowRankLlamaConfig, LowRankLlamaForCausalLM, exist_ok=True)
-
-# `save_pretrained` writes `auto_map` and copies the configuration and modeling files beside the weights,
-# so the folder (or Hub repo) loads with `trust_remote_code=True` where this package is not installed.
+# `save_pretrained` writes `auto_map` (every class of AUTO_CLASSES) and copies the configuration and modeling files
+# beside the weights, so the folder (or Hub repo) loads with `trust_remote_code=True` where this package is not
+# installed.
 LowRankLlamaConfig.register_for_auto_class()
-LowRankLlamaModel.register_for_auto_class("AutoModel")
-LowRankLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+for _auto_name, _class_name in AUTO_CLASSES.items():
+    _model_class = getattr(modeling_lowrank, _class_name)
+    getattr(transformers, _auto_name).register(LowRankLlamaConfig, _model_class, exist_ok=True)
+    _model_class.register_for_auto_class(_auto_name)
 
 __all__ = [
     "LOWRANK_FACTOR_NAMES",
@@ -38,6 +44,9 @@ __all__ = [
     "LowRankLinear",
     "LowRankLlamaConfig",
     "LowRankLlamaForCausalLM",
+    "LowRankLlamaForQuestionAnswering",
+    "LowRankLlamaForSequenceClassification",
+    "LowRankLlamaForTokenClassification",
     "LowRankLlamaModel",
     "LowRankLlamaPreTrainedModel",
     "build_optimizer",

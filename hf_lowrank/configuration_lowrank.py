@@ -6,11 +6,23 @@ This file is copied to the Hub next to the weights: it imports only ``transforme
 import math
 
 from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 # The seven LLaMA projections, in Llama's names. Any subset of them can be factorized.
 LOWRANK_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 LOWRANK_INITS = ("spectral", "normal")
+# How Llama splits each projection under tensor parallelism: "colwise" shards the output features, "rowwise" the
+# input features (its output is all-reduced). Llama's own `base_model_tp_plan`.
+TP_STYLES = {
+    "q_proj": "colwise",
+    "k_proj": "colwise",
+    "v_proj": "colwise",
+    "o_proj": "rowwise",
+    "gate_proj": "colwise",
+    "up_proj": "colwise",
+    "down_proj": "rowwise",
+}
 
 
 class LowRankLlamaConfig(PretrainedConfig):
@@ -33,7 +45,11 @@ class LowRankLlamaConfig(PretrainedConfig):
         rms_norm_eps: epsilon of RMSNorm.
         use_cache: whether ``forward`` returns a KV cache by default.
         tie_word_embeddings: share the token embedding with the LM head.
-        rope_theta: RoPE base frequency.
+        rope_parameters: Llama's RoPE settings, e.g. ``{"rope_type": "linear", "factor": 4.0}``; any type among
+            Transformers' RoPE init functions (linear, dynamic, yarn, longrope, llama3, ...) and
+            ``partial_rotary_factor`` (the leading fraction of each head that is rotated, the rest passes through).
+            ``rope_theta`` and ``partial_rotary_factor`` given on their own (older configs) move into it.
+        rope_theta: RoPE base frequency, when ``rope_parameters`` does not give one.
         attention_bias / mlp_bias: biases on the projections (Llama has none).
         attention_dropout: dropout on attention probabilities.
         rank_ratio: each factorized projection gets rank ``max(1, floor(rank_ratio * min(in, out)))``.
@@ -44,9 +60,11 @@ class LowRankLlamaConfig(PretrainedConfig):
         lowrank_init: ``"spectral"`` (default): draw the dense init ``N(0, initializer_range²)``, keep its
             top-r SVD and split it as ``U√S``, ``√S Vᵀ``. The factors start balanced (equal spectral
             norms), which is what Spectron's step size ``lr / (σ_up + σ_down + 1)`` assumes, and the
-            product is the best rank-r approximation of a standard init. ``"normal"``: i.i.d. normal
-            factors with std ``sqrt(initializer_range / sqrt(r))`` each, so that entries of the product
-            have the dense init's variance; cheaper for very large models.
+            product is the best rank-r approximation of a standard init. Projections over 512 on their short
+            side sample these factors from the same distribution without the dense draw or its SVD (see
+            ``sample_spectral_factors``). ``"normal"``: i.i.d. normal factors with std
+            ``sqrt(initializer_range / sqrt(r))`` each, so that entries of the product have the dense init's
+            variance; cheaper for very large models.
     """
 
     model_type = "lowrank_llama"
@@ -71,6 +89,7 @@ class LowRankLlamaConfig(PretrainedConfig):
         eos_token_id: int | None = None,
         tie_word_embeddings: bool = False,
         rope_theta: float = 10000.0,
+        rope_parameters: dict | None = None,
         attention_bias: bool = False,
         attention_dropout: float = 0.0,
         mlp_bias: bool = False,
@@ -100,7 +119,8 @@ class LowRankLlamaConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
-        self.rope_theta = float(rope_theta)
+        # Standardized by `PretrainedConfig.__init__` (Llama's format): `rope_theta` and the rope type go inside.
+        self.rope_parameters = dict(rope_parameters) if rope_parameters else None
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
         self.mlp_bias = mlp_bias
@@ -109,14 +129,28 @@ class LowRankLlamaConfig(PretrainedConfig):
         self.rank_overrides = dict(rank_overrides or {})
         self.lowrank_modules = list(LOWRANK_PROJECTIONS if lowrank_modules is None else lowrank_modules)
         self.lowrank_init = lowrank_init
+        # Per instance: which factor of a projection is sharded depends on which projections are factorized.
+        self.base_model_tp_plan = self.tensor_parallel_plan()
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
             eos_token_id=eos_token_id,
             tie_word_embeddings=tie_word_embeddings,
+            rope_theta=float(kwargs.pop("rope_theta", rope_theta)),
             **kwargs,
         )
         self._validate_lowrank()
+        self._validate_rope()
+
+    @property
+    def rope_theta(self) -> float:
+        """The RoPE base, kept in ``rope_parameters`` (Llama's place for it); this alias serves older readers."""
+        return (getattr(self, "rope_parameters", None) or {}).get("rope_theta")
+
+    @rope_theta.setter
+    def rope_theta(self, value: float):
+        if getattr(self, "rope_parameters", None) is not None:  # before standardization, __init__ handles it
+            self.rope_parameters["rope_theta"] = float(value)
 
     # ------------------------------------------------------------------ shapes and ranks
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
@@ -149,7 +183,48 @@ class LowRankLlamaConfig(PretrainedConfig):
     def is_dense(self) -> bool:
         return len(self.lowrank_modules) == 0
 
+    def tensor_parallel_plan(self) -> dict[str, str]:
+        """Tensor-parallel plan of the base model, in Transformers' ``base_model_tp_plan`` format.
+
+        A dense projection takes Llama's style. A factorized one (``W = up @ down``) shards one factor and
+        replicates the other, so no rank-r activation is ever split: column-parallel shards ``up`` by rows
+        (output features; ``down`` replicated, its r-vector computed whole on every rank); row-parallel shards
+        ``down`` by columns (input features; the partial r-vectors are all-reduced, then ``up`` runs replicated).
+        Factors left out of the plan are replicated.
+        """
+        plan = {}
+        for name, style in TP_STYLES.items():
+            parent = "self_attn" if name in ATTENTION_PROJECTIONS else "mlp"
+            key = f"layers.*.{parent}.{name}"
+            if name not in self.lowrank_modules:
+                plan[key] = style
+            elif style == "colwise":
+                plan[f"{key}.up"] = "colwise"
+            else:
+                plan[f"{key}.down"] = "rowwise"
+        return plan
+
     # ------------------------------------------------------------------ validation
+    def _validate_rope(self):
+        """Refuse RoPE settings the model cannot honour instead of running plain RoPE in their place."""
+        self.validate_rope()  # Transformers' checks of each type's required keys
+        rope = self.rope_parameters
+        rope_type = rope["rope_type"]
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"Unsupported `rope_parameters['rope_type']` {rope_type!r}; choose 'default' or one of "
+                f"{sorted(ROPE_INIT_FUNCTIONS)}."
+            )
+        unsupported = sorted({"mrope_section", "mrope_interleaved"} & set(rope))
+        if unsupported:
+            raise ValueError(f"`rope_parameters` {unsupported} (multimodal RoPE) is not supported by this model.")
+        partial = rope.get("partial_rotary_factor", 1.0)
+        if not (isinstance(partial, (int, float)) and 0.0 < partial <= 1.0) or int(self.head_dim * partial) < 2:
+            raise ValueError(
+                f"`partial_rotary_factor` must be in (0, 1] and rotate at least 2 of the {self.head_dim} channels "
+                f"of a head, got {partial!r}."
+            )
+
     def _validate_lowrank(self):
         """Refuse impossible shapes with a message that says what to change (R14)."""
         positive = {
@@ -204,4 +279,4 @@ class LowRankLlamaConfig(PretrainedConfig):
                 )
 
 
-__all__ = ["LowRankLlamaConfig", "LOWRANK_PROJECTIONS", "LOWRANK_INITS"]
+__all__ = ["LowRankLlamaConfig", "LOWRANK_PROJECTIONS", "LOWRANK_INITS", "TP_STYLES"]

@@ -6,6 +6,7 @@ torch and transformers installed (`trust_remote_code=True`). It knows nothing of
 Shapes in comments: B batch, T tokens, C hidden size, H heads, Hkv key/value heads, D head dim, r rank.
 """
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -17,9 +18,20 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_lowrank import LowRankLlamaConfig
 
@@ -31,6 +43,28 @@ LOWRANK_FACTOR_NAMES = ("down", "up")
 # the GPU machines we run on have both kinds of release, so accept and return whichever this one uses.
 _CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 _MASK_CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+if _CACHE_FIELD == "cache":
+    # Llama's own deprecation of the old keyword: same renaming, same warning.
+    _accept_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+else:
+
+    def _accept_past_key_values(forward):
+        """Before the rename `past_key_values` is the current name (generation and Transformers' heads pass it)."""
+
+        @functools.wraps(forward)
+        def wrapper(*args, **kwargs):
+            if "past_key_values" in kwargs:
+                kwargs["cache"] = kwargs.pop("past_key_values")
+            return forward(*args, **kwargs)
+
+        return wrapper
+
+
+# Above this size (the smaller side of a projection) the spectral init samples its factors directly instead of taking
+# the SVD of a dense draw (same distribution, see `sample_spectral_factors`); at or below it the exact path runs, so
+# small models keep the factors they always had at a given seed.
+SPECTRAL_INIT_EXACT_MAX_DIM = 512
 
 
 class LowRankLinear(nn.Module):
@@ -111,6 +145,52 @@ def split_truncated_svd(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, 
     return up.to(weight.dtype), down.to(weight.dtype)
 
 
+@torch.no_grad()
+def sample_spectral_factors(
+    out_features: int, in_features: int, rank: int, std: float, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(up, down)`` distributed as ``split_truncated_svd(N(0, std²) matrix of shape (out, in), rank)``, in float32.
+
+    No dense matrix is drawn or factorized. A Gaussian matrix ``G = U S Vᵀ`` is orthogonally invariant, so its
+    singular vectors ``U``, ``V`` are Haar-distributed and independent of its singular values ``S``; the top-r part
+    is therefore sampled piece by piece:
+
+    * ``U_r``, ``V_r``: the Q factor (with positive ``diag(R)``, which makes it Haar) of an (n, r) Gaussian, by
+      Cholesky-QR run twice: matrix products instead of Householder QR;
+    * ``S_r``: the top r singular values of the Golub-Kahan bidiagonal with independent χ entries, which has the
+      singular values of ``G`` in distribution (Dumitriu & Edelman 2002): eigenvalues of an (n, n) tridiagonal,
+      n = min(out, in), instead of an SVD of the whole (out, in) matrix with its vectors.
+
+    Costs O(min³ + (out + in)·r²) with a small constant (values only, of a smaller matrix) instead of a full SVD's
+    O(out·in·min): a 1b-preset MLP projection (2048 -> 5461, r = 512) takes ~0.3 s instead of ~5 s on one CPU core.
+    """
+    long_side, short_side = max(out_features, in_features), min(out_features, in_features)
+    chi = lambda df: torch.distributions.Chi2(df).sample().sqrt()  # noqa: E731
+    diagonal = chi(torch.arange(long_side, long_side - short_side, -1, dtype=torch.float32, device=device))  # (n,)
+    superdiagonal = chi(torch.arange(short_side - 1, 0, -1, dtype=torch.float32, device=device))  # (n-1,)
+    # Bᵀ B of the upper bidiagonal B: its eigenvalues are the squared singular values.
+    gram = torch.diag(diagonal.square())
+    gram[1:, 1:] += torch.diag(superdiagonal.square())
+    coupling = diagonal[:-1] * superdiagonal
+    gram += torch.diag(coupling, 1) + torch.diag(coupling, -1)
+    singular_values = torch.linalg.eigvalsh(gram)[-rank:].flip(0).clamp_min(0).sqrt() * std  # (r,), descending
+    root = singular_values.sqrt()
+    up = _haar_frame(out_features, rank, device) * root  # (out, r)
+    down = root[:, None] * _haar_frame(in_features, rank, device).T  # (r, in)
+    return up, down
+
+
+def _haar_frame(rows: int, rank: int, device=None) -> torch.Tensor:
+    """A Haar-distributed (rows, rank) matrix with orthonormal columns: Q of ``X = QR`` with ``X`` Gaussian, ``R > 0``
+    on its diagonal. Cholesky-QR twice (the second pass restores orthogonality lost to rounding; a Gaussian X is
+    well conditioned); each pass keeps R upper triangular with a positive diagonal, so Q stays that QR's factor."""
+    frame = torch.randn(rows, rank, device=device)
+    for _ in range(2):
+        lower = torch.linalg.cholesky(frame.T @ frame)  # Rᵀ
+        frame = torch.linalg.solve_triangular(lower, frame.T, upper=False).T  # X R⁻¹
+    return frame
+
+
 def make_projection(config: LowRankLlamaConfig, name: str, bias: bool) -> nn.Module:
     """A ``LowRankLinear`` when ``name`` is factorized by ``config``, else a dense ``nn.Linear``."""
     in_features, out_features = config.projection_shapes()[name]
@@ -184,28 +264,47 @@ class LowRankLlamaRMSNorm(nn.Module):
 
 
 class LowRankLlamaRotaryEmbedding(nn.Module):
-    """Plain RoPE (no scaling): cos/sin tables computed on the fly from ``inv_freq``."""
+    """Llama's rotary embedding: every RoPE type of Transformers' RoPE init functions (``rope_parameters``), the
+    dynamic ones updated on the fly by ``dynamic_rope_update``; cos/sin tables computed from ``inv_freq``."""
+
+    inv_freq: torch.Tensor  # (rotary_dim/2,)
 
     def __init__(self, config: LowRankLlamaConfig):
         super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
         self.config = config
-        inv_freq = self.compute_inv_freq(config)
+        self.rope_type = config.rope_parameters["rope_type"]
+        inv_freq, self.attention_scaling = self.compute_rope_parameters(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @classmethod
+    def compute_rope_parameters(cls, config: LowRankLlamaConfig) -> tuple[torch.Tensor, float]:
+        """``(inv_freq, attention_scaling)`` of the config's RoPE type."""
+        rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn = cls.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+        return rope_init_fn(config)
 
     @staticmethod
-    def compute_inv_freq(config: LowRankLlamaConfig) -> torch.Tensor:
-        dim = config.head_dim
-        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))  # (D/2,)
+    def compute_default_rope_parameters(config: LowRankLlamaConfig, device=None, seq_len=None, layer_type=None):
+        """Plain RoPE over the leading ``partial_rotary_factor`` of each head (all of it by default)."""
+        base = config.rope_parameters["rope_theta"]
+        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+        return inv_freq, 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update  # dynamic / longrope types recompute `inv_freq` from the positions seen
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles in float32 even under bf16 autocast: positions times frequencies lose digits fast.
         with torch.autocast(device_type=x.device.type, enabled=False):
             freqs = position_ids[..., None].float() * self.inv_freq.to(
                 device=x.device, dtype=torch.float
-            )  # (B, T, D/2)
-            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
-            return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+            )  # (B, T, rotary_dim/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rotary_dim)
+            cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+            return cos.to(x.dtype), sin.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -242,7 +341,17 @@ def _rotate(x, cos, sin, sign, dtype):
 
 
 def apply_rotary_pos_emb(q, k, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D) broadcasts over heads
+    """Rotate q (B, H, T, D) and k (B, Hkv, T, D) by the tables (B, T, rotary_dim). With partial rotary
+    (rotary_dim < D) the leading rotary_dim channels turn and the rest pass through, as in GPT-NeoX."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rotary_dim) broadcasts over heads
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < q.shape[-1]:
+        q_rot, k_rot = _rotate_both(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+        return torch.cat((q_rot, q[..., rotary_dim:]), dim=-1), torch.cat((k_rot, k[..., rotary_dim:]), dim=-1)
+    return _rotate_both(q, k, cos, sin)
+
+
+def _rotate_both(q, k, cos, sin):
     if _eager_training(q, k):
         return _RotaryFunction.apply(q, cos, sin), _RotaryFunction.apply(k, cos, sin)
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
@@ -284,6 +393,7 @@ class LowRankLlamaAttention(nn.Module):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, make_projection(config, name, bias=config.attention_bias))
 
+    @_accept_past_key_values
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache: Cache | None = None, **kwargs):
         input_shape = hidden_states.shape[:-1]  # (B, T)
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -335,11 +445,28 @@ class LowRankLlamaDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = LowRankLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LowRankLlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
+    @_accept_past_key_values
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        use_cache=False,
+        position_embeddings=None,
+        **kwargs,
+    ):
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
+        # position_ids travel on to the attention backend, which uses them for padding-free (packed) batches.
         hidden_states, _ = self.self_attn(
-            hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
@@ -357,6 +484,25 @@ class LowRankLlamaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Transformers' output capture (as Llama): hidden states are the decoder layers' outputs, attention weights the
+    # second output of each attention module.
+    _can_record_outputs = {
+        "hidden_states": LowRankLlamaDecoderLayer,
+        "attentions": LowRankLlamaAttention,
+    }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Transformers' ``save_pretrained``; when the code is saved beside the weights, ``auto_map`` lists every
+        class of ``AUTO_CLASSES``, not only the saved class's own Auto class, so remote code loads the folder as
+        any of them (``AutoModel`` for feature extraction, a task head, ...)."""
+        if self._auto_class is not None:
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            config_module = type(self.config).__module__.rsplit(".", 1)[-1]
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoConfig", f"{config_module}.{type(self.config).__name__}")
+            auto_map.update({auto: f"{module}.{name}" for auto, name in AUTO_CLASSES.items()})
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -381,7 +527,9 @@ class LowRankLlamaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, LowRankLlamaRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, LowRankLlamaRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(module.config))
+            inv_freq, _ = module.compute_rope_parameters(module.config)
+            init.copy_(module.inv_freq, inv_freq)
+            init.copy_(module.original_inv_freq, inv_freq)
 
     def _initialize_weights(self, module, *args, **kwargs):
         # transformers skips, in custom code, modules whose own (non-recursive) parameters are all loaded, and a
@@ -404,9 +552,13 @@ class LowRankLlamaPreTrainedModel(PreTrainedModel):
             return
         if self.config.lowrank_init == "spectral":
             # The best rank-r approximation of the dense init this layer would have had.
-            dense = torch.empty(module.out_features, module.in_features, device=module.up.weight.device)
-            dense.normal_(mean=0.0, std=std)
-            up, down = split_truncated_svd(dense, module.rank)
+            device = module.up.weight.device
+            if min(module.in_features, module.out_features) > SPECTRAL_INIT_EXACT_MAX_DIM:
+                up, down = sample_spectral_factors(module.out_features, module.in_features, module.rank, std, device)
+            else:
+                dense = torch.empty(module.out_features, module.in_features, device=device)
+                dense.normal_(mean=0.0, std=std)
+                up, down = split_truncated_svd(dense, module.rank)
             init.copy_(module.up.weight, up.to(module.up.weight.dtype))
             init.copy_(module.down.weight, down.to(module.down.weight.dtype))
         else:
@@ -436,6 +588,9 @@ class LowRankLlamaModel(LowRankLlamaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @_accept_past_key_values
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -444,21 +599,10 @@ class LowRankLlamaModel(LowRankLlamaPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        past_key_values: Cache | None = None,
         **kwargs,
-    ):
+    ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        cache = cache if cache is not None else past_key_values
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training:
-            use_cache = False  # recomputation and a growing cache do not mix
-        if output_hidden_states is None:
-            output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        kwargs.pop("output_attentions", None)
-
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)  # (B, T, C)
         if use_cache and cache is None:
@@ -478,29 +622,23 @@ class LowRankLlamaModel(LowRankLlamaPreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        all_hidden_states = [] if output_hidden_states else None
         for decoder_layer in self.layers:
-            if all_hidden_states is not None:
-                all_hidden_states.append(hidden_states)
             hidden_states = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
+                position_ids=position_ids,
                 cache=cache,
+                use_cache=use_cache,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        if all_hidden_states is not None:
-            all_hidden_states.append(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
-            **{_CACHE_FIELD: cache},
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{_CACHE_FIELD: cache})
 
 
 class LowRankLlamaForCausalLM(LowRankLlamaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # Llama's: vocab-sharded head, logits gathered
 
     def __init__(self, config: LowRankLlamaConfig):
         super().__init__(config)
@@ -521,6 +659,8 @@ class LowRankLlamaForCausalLM(LowRankLlamaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @_accept_past_key_values
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -531,15 +671,13 @@ class LowRankLlamaForCausalLM(LowRankLlamaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        past_key_values: Cache | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ):
+    ) -> CausalLMOutputWithPast:
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -551,20 +689,74 @@ class LowRankLlamaForCausalLM(LowRankLlamaPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        result = CausalLMOutputWithPast(
+        return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
         )
-        return result if return_dict is not False else result.to_tuple()
+
+
+# Llama's task heads: Transformers' generic heads (forward, pooling, losses) over this base model. Each builds its
+# base model directly instead of through `AutoModel.from_config` as the generic `__init__` does: under remote code
+# nothing registers this config with `AutoModel`, and that call would ask for `trust_remote_code` again.
+class LowRankLlamaForSequenceClassification(GenericForSequenceClassification, LowRankLlamaPreTrainedModel):
+    def __init__(self, config: LowRankLlamaConfig):
+        LowRankLlamaPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = LowRankLlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+
+class LowRankLlamaForTokenClassification(GenericForTokenClassification, LowRankLlamaPreTrainedModel):
+    def __init__(self, config: LowRankLlamaConfig):
+        LowRankLlamaPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = LowRankLlamaModel(config)
+        dropout = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(0.1 if dropout is None else dropout)  # the generic head's default
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+
+class LowRankLlamaForQuestionAnswering(GenericForQuestionAnswering, LowRankLlamaPreTrainedModel):
+    def __init__(self, config: LowRankLlamaConfig):
+        LowRankLlamaPreTrainedModel.__init__(self, config)
+        self.model = LowRankLlamaModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+
+# Auto class -> class of this file, declared once: the package registers each (hf_lowrank/__init__.py) and every
+# saved folder's `auto_map` lists each (`save_pretrained` above), so remote code loads any of them.
+AUTO_CLASSES = {
+    "AutoModel": "LowRankLlamaModel",
+    "AutoModelForCausalLM": "LowRankLlamaForCausalLM",
+    "AutoModelForSequenceClassification": "LowRankLlamaForSequenceClassification",
+    "AutoModelForTokenClassification": "LowRankLlamaForTokenClassification",
+    "AutoModelForQuestionAnswering": "LowRankLlamaForQuestionAnswering",
+}
+
+# `Trainer` shifts labels for label smoothing (and the text-generation pipeline accepts a model) only when the model's
+# class *name* is in this table of Transformers' own causal LMs; `AutoModelForCausalLM.register` does not add it.
+# Done here rather than in the package's `__init__` because remote-code users, who never import the package, run the
+# stock `Trainer` too: importing this file, as every load does, is the one step all users share. The name is added
+# once, only if its model type is free, and the lazy Auto mappings skip it (the type is not in Transformers' configs).
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(LowRankLlamaConfig.model_type, LowRankLlamaForCausalLM.__name__)
 
 
 __all__ = [
+    "AUTO_CLASSES",
     "LOWRANK_FACTOR_NAMES",
     "LowRankLinear",
     "LowRankLlamaPreTrainedModel",
     "LowRankLlamaModel",
     "LowRankLlamaForCausalLM",
+    "LowRankLlamaForSequenceClassification",
+    "LowRankLlamaForTokenClassification",
+    "LowRankLlamaForQuestionAnswering",
+    "sample_spectral_factors",
     "split_truncated_svd",
 ]

@@ -250,3 +250,58 @@ def test_dense_counterpart_keeps_everything_but_factorization(tiny_config):
     dense = dense_counterpart(tiny_config)
     assert dense.lowrank_modules == [] and dense.hidden_size == tiny_config.hidden_size
     assert dense.vocab_size == tiny_config.vocab_size
+
+
+# ---------------------------------------------------------------- fast spectral init (large projections)
+def test_spectral_init_of_small_projections_is_the_exact_truncated_svd():
+    """At or below SPECTRAL_INIT_EXACT_MAX_DIM the factors are those the exact path always drew (same seed, same
+    numbers): small presets such as `tiny` keep their factors."""
+    from hf_lowrank.modeling_lowrank import SPECTRAL_INIT_EXACT_MAX_DIM, split_truncated_svd
+
+    model = build("lowrank")
+    std = model.config.initializer_range
+    for shape in [(172, 64), (SPECTRAL_INIT_EXACT_MAX_DIM, SPECTRAL_INIT_EXACT_MAX_DIM + 8)]:
+        layer = LowRankLinear(*shape, rank=16)
+        torch.manual_seed(5)
+        model._init_factors(layer, std)
+        torch.manual_seed(5)
+        dense = torch.empty(shape[1], shape[0]).normal_(mean=0.0, std=std)
+        up, down = split_truncated_svd(dense, 16)
+        assert torch.equal(layer.up.weight, up) and torch.equal(layer.down.weight, down)
+
+
+def test_fast_spectral_init_has_the_truncated_svd_distribution():
+    """Above the threshold the factors are sampled (Haar frames, Dumitriu-Edelman spectrum): the product is an exact
+    rank-r matrix split as U√S, √S Vᵀ, and its spectrum matches, draw for draw in mean and spread, the top r singular
+    values of dense N(0, std²) draws."""
+    from hf_lowrank.modeling_lowrank import SPECTRAL_INIT_EXACT_MAX_DIM, sample_spectral_factors, split_truncated_svd
+
+    out_features, in_features, rank, std, draws = 520, 700, 130, 0.02, 12
+    assert min(out_features, in_features) > SPECTRAL_INIT_EXACT_MAX_DIM
+    model = build("lowrank")
+    layer = LowRankLinear(in_features, out_features, rank=rank)
+    torch.manual_seed(0)
+    model._init_factors(layer, std)  # the model takes the fast path for this shape
+    torch.manual_seed(0)
+    expected_up, expected_down = sample_spectral_factors(out_features, in_features, rank, std)
+    assert torch.equal(layer.up.weight, expected_up) and torch.equal(layer.down.weight, expected_down)
+
+    fast, exact = [], []
+    for seed in range(draws):
+        torch.manual_seed(seed)
+        up, down = sample_spectral_factors(out_features, in_features, rank, std)
+        spectrum = torch.linalg.svdvals(up @ down)[:rank]
+        # U√S and √S Vᵀ: orthogonal columns / rows carrying the same spectrum (balanced factors)
+        torch.testing.assert_close(up.T @ up, torch.diag(spectrum), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(down @ down.T, torch.diag(spectrum), rtol=1e-4, atol=1e-6)
+        assert torch.linalg.matrix_rank(up @ down).item() == rank
+        fast.append(spectrum)
+        up, down = split_truncated_svd(torch.randn(out_features, in_features) * std, rank)
+        exact.append(torch.linalg.svdvals(up @ down)[:rank])
+    fast, exact = torch.stack(fast), torch.stack(exact)  # (draws, r)
+    # the mean spectrum agrees to within a fraction of its draw-to-draw spread, at every index
+    spread = exact.std(0) / draws**0.5
+    assert ((fast.mean(0) - exact.mean(0)).abs() < 4 * spread + 1e-3 * exact.mean(0)).all()
+    torch.testing.assert_close(fast.std(0).mean(), exact.std(0).mean(), rtol=0.35, atol=0)
+    # Marchenko-Pastur edge: the top singular value is about std * (sqrt(m) + sqrt(n))
+    assert abs(fast[:, 0].mean() / (std * (out_features**0.5 + in_features**0.5)) - 1) < 0.02

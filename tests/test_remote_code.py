@@ -7,11 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import hf_lowrank
-from hf_lowrank import LowRankLlamaForCausalLM, LowRankLlamaModel, preset_config
+from hf_lowrank import (
+    LowRankLlamaForCausalLM,
+    LowRankLlamaForSequenceClassification,
+    LowRankLlamaModel,
+    preset_config,
+)
+from hf_lowrank.modeling_lowrank import AUTO_CLASSES
 
 PACKAGE = Path(hf_lowrank.__file__).parent
 STDLIB_OK = {"inspect", "math", "collections", "typing", "dataclasses", "functools"}
@@ -90,3 +97,80 @@ def test_with_package_imported_no_remote_code_is_needed(tmp_path):
     assert type(AutoConfig.from_pretrained(tmp_path)).__module__ == "hf_lowrank.configuration_lowrank"
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is LowRankLlamaForCausalLM
     assert type(AutoModel.from_pretrained(tmp_path)) is LowRankLlamaModel
+
+
+# Everything a user without the package does with a saved causal LM folder: the base model (and the feature-extraction
+# pipeline), a task head, and the stock Trainer's label smoothing, which must shift the labels.
+BLOCKED_USES = r"""
+import sys, json
+class BlockHfLowrank:
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_lowrank" or name.startswith("hf_lowrank."):
+            raise ImportError("hf_lowrank is blocked in this process")
+sys.meta_path.insert(0, BlockHfLowrank())
+import torch
+from transformers import (AutoModel, AutoModelForSequenceClassification, AutoModelForCausalLM, Trainer,
+                          TrainingArguments, pipeline)
+from transformers.trainer_pt_utils import LabelSmoother
+path, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
+base = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+hidden = base(ids).last_hidden_state
+features = pipeline("feature-extraction", model=path, trust_remote_code=True)("hello world")
+head = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=True, num_labels=3).eval()
+head_logits = head(ids[:1]).logits
+lm = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+args = TrainingArguments(output_dir=sys.argv[3], use_cpu=True, label_smoothing_factor=0.1, report_to=[])
+with torch.no_grad():
+    loss = Trainer(model=lm, args=args).compute_loss(lm, {"input_ids": ids, "labels": ids.clone()})
+    shifted = LabelSmoother(epsilon=0.1)(lm(input_ids=ids), ids, shift_labels=True)
+assert "hf_lowrank" not in sys.modules
+print(json.dumps({
+    "base": type(base).__name__, "base_module": type(base).__module__, "hidden": hidden.tolist(),
+    "features_width": len(features[0][0]), "head": type(head).__name__, "head_shape": list(head_logits.shape),
+    "loss": loss.item(), "shifted": shifted.item(),
+}))
+"""
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "hello": 2, "world": 3}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def test_auto_map_lists_every_registered_class(tmp_path):
+    for cls in (LowRankLlamaForCausalLM, LowRankLlamaForSequenceClassification):
+        torch.manual_seed(0)
+        cls(preset_config("tiny", pad_token_id=0)).save_pretrained(tmp_path / cls.__name__)
+        auto_map = json.loads((tmp_path / cls.__name__ / "config.json").read_text())["auto_map"]
+        assert auto_map == {
+            "AutoConfig": "configuration_lowrank.LowRankLlamaConfig",
+            **{auto: f"modeling_lowrank.{name}" for auto, name in AUTO_CLASSES.items()},
+        }
+        for auto_name in AUTO_CLASSES:  # the package registers each class it lists
+            assert getattr(__import__("transformers"), auto_name)._model_mapping[type(preset_config("tiny"))]
+
+
+def test_remote_code_base_model_heads_pipeline_and_label_smoothing_without_package(tmp_path):
+    torch.manual_seed(0)
+    model = LowRankLlamaForCausalLM(preset_config("tiny", pad_token_id=0)).eval()
+    model.save_pretrained(tmp_path / "model")
+    _byte_tokenizer().save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3))
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKED_USES, str(tmp_path / "model"), json.dumps(ids.tolist()), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["base"] == "LowRankLlamaModel" and payload["base_module"].startswith("transformers_modules")
+    assert torch.equal(torch.tensor(payload["hidden"]), model.model(ids).last_hidden_state)
+    assert payload["features_width"] == model.config.hidden_size
+    assert payload["head"] == "LowRankLlamaForSequenceClassification" and payload["head_shape"] == [1, 3]
+    assert payload["loss"] == pytest.approx(payload["shifted"], rel=1e-6)
