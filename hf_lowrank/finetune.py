@@ -11,7 +11,12 @@ so LoRA attaches to the factors by name. Target presets:
 | `attention`, `mlp` | the factors of q/k/v/o, or of gate/up/down | one block type only |
 | a comma list, e.g. `q_proj.up,v_proj.up,lm_head` | exactly those (PEFT suffix match) | – |
 
+| a projection name, e.g. `q_proj,v_proj` | the whole `LowRankLinear` (see `peft_integration`) | `W = up·down + s·B·A`, as LoRA on a dense Llama |
+
 A dense projection (`lowrank_modules` leaving it out) is an `nn.Linear` itself and is targeted by its own name.
+A whole factorized projection goes through PEFT's custom-module mapping (`hf_lowrank.peft_integration`); such an
+adapter is reloaded with `hf_lowrank.peft_integration.load_lora`, and `--merge` grows each merged projection's rank
+from r to r + lora_r (exact) and records it in the merged model's `rank_overrides`.
 """
 
 import json
@@ -72,7 +77,9 @@ class FinetuneArguments:
 
 
 def _adapt(model, args: FinetuneArguments):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from .peft_integration import get_lowrank_peft_model
 
     targets = lora_target_modules(args.lora_target)
     names = [name for name, _ in model.named_modules()]
@@ -90,12 +97,11 @@ def _adapt(model, args: FinetuneArguments):
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    return get_lowrank_peft_model(model, config)  # whole projections (q_proj) and factors (q_proj.up) alike
 
 
 def run(finetune_args: FinetuneArguments, data_args, training_args: TrainingArguments) -> dict:
-    from peft import PeftModel
-
+    from .peft_integration import load_lora, merge_and_unload
     from .training.data import build_datasets
 
     set_seed(training_args.seed)
@@ -130,10 +136,10 @@ def run(finetune_args: FinetuneArguments, data_args, training_args: TrainingArgu
         peft_model.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json
         tokenizer.save_pretrained(out)
         if finetune_args.merge:
-            reloaded = PeftModel.from_pretrained(
+            reloaded = load_lora(
                 AutoModelForCausalLM.from_pretrained(source, trust_remote_code=finetune_args.trust_remote_code), out
             )
-            merged = reloaded.merge_and_unload()
+            merged = merge_and_unload(reloaded)  # exact; whole-projection adapters grow the rank (config updated)
             merged.save_pretrained(out / "merged")
             tokenizer.save_pretrained(out / "merged")
         (out / "finetune_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -153,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(metrics, indent=2))
         print(
             f"Adapter saved in {training_args.output_dir}. Load it with:\n"
-            "    import hf_lowrank\n    from peft import AutoPeftModelForCausalLM\n"
-            f"    model = AutoPeftModelForCausalLM.from_pretrained({training_args.output_dir!r})"
+            "    from transformers import AutoModelForCausalLM\n"
+            "    from hf_lowrank.peft_integration import load_lora\n"
+            f"    model = load_lora(AutoModelForCausalLM.from_pretrained({finetune_args.model_name_or_path!r}), "
+            f"{training_args.output_dir!r})"
         )
     return 0

@@ -72,3 +72,69 @@ def test_spike_detector_ignores_non_finite_and_round_trips():
 def test_spike_detector_rejects_bad_settings(kwargs):
     with pytest.raises(ValueError):
         LossSpikeDetector(**kwargs)
+
+
+# ------------------------------------------------------------------------- precision and report_to backends
+def _old_float32_difference_norm(up0, down0, up1, down1):
+    left = torch.cat([up1.float(), -up0.float()], dim=1)
+    right = torch.cat([down1.float(), down0.float()], dim=0)
+    return torch.linalg.matrix_norm(torch.linalg.qr(left)[1] @ torch.linalg.qr(right.T)[1].T, ord=2)
+
+
+@pytest.mark.parametrize("relative_step", [1e-7, 1e-6, 1e-4])
+def test_tiny_late_training_update_is_measured_exactly(relative_step):
+    """A step of ~1e-6 of the weights (lr 1e-6 at the end of a cosine schedule) on a real model's float32 factors:
+    the measured ‖ΔW‖₂ is the float64 truth of the stored weights, not float32 cancellation noise."""
+    from hf_lowrank import LowRankLlamaForCausalLM, preset_config
+
+    torch.manual_seed(0)
+    layer = LowRankLlamaForCausalLM(preset_config("small")).model.layers[0].mlp.down_proj
+    up0, down0 = layer.up.weight.detach(), layer.down.weight.detach()  # float32, as trained
+    g = torch.Generator().manual_seed(1)
+    up1 = up0 + relative_step * up0.abs().mean() * torch.randn(up0.shape, generator=g)
+    down1 = down0 + relative_step * down0.abs().mean() * torch.randn(down0.shape, generator=g)
+    truth = torch.linalg.matrix_norm(up1.double() @ down1.double() - up0.double() @ down0.double(), 2).item()
+    measured = lowrank_difference_spectral_norm(up0, down0, up1, down1).item()
+    assert measured == pytest.approx(truth, rel=1e-4)
+    if relative_step <= 1e-6:  # what the float32 formula reported: an error of the size of the update itself
+        assert abs(_old_float32_difference_norm(up0, down0, up1, down1).item() - truth) > 0.1 * truth
+
+
+def test_diagnostics_reach_report_to_backends_with_a_plain_trainer(tmp_path, monkeypatch):
+    """A stock `Trainer` with a `report_to` backend: the backend's `on_log` sees the diag/* values of each step.
+
+    No reporting package (tensorboard, wandb, ...) is installed here, so the backend is a recorder registered in
+    Transformers' own `INTEGRATION_TO_CALLBACK` table: `report_to="recorder"` puts it where TensorBoard would go.
+    """
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.integrations import integration_utils
+
+    from hf_lowrank import LowRankLlamaForCausalLM, preset_config
+    from hf_lowrank.training.diagnostics import SpectralDiagnosticsCallback
+
+    written, began = [], []
+
+    class Recorder(TrainerCallback):  # what TensorBoardCallback does: write the log dict when on_log runs
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            written.append((state.global_step, dict(logs)))
+
+    class After(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            began.append(1)
+
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "recorder", Recorder)
+    ids = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, logging_steps=2, per_device_train_batch_size=4,
+                             use_cpu=True, report_to="recorder", save_strategy="no", learning_rate=1e-3)  # fmt: skip
+    torch.manual_seed(0)
+    trainer = Trainer(model=LowRankLlamaForCausalLM(preset_config("tiny")), args=args, train_dataset=data,
+                      callbacks=[SpectralDiagnosticsCallback(every=2), After()])  # fmt: skip
+    trainer.train()
+    logged = {step: logs for step, logs in written if "loss" in logs}
+    assert sorted(logged) == [2, 4]
+    for step, logs in logged.items():
+        assert logs["diag/update_norm_max"] > 0 and "diag/sigma_up_max" in logs, (step, sorted(logs))
+    history = {row["step"]: row for row in trainer.state.log_history if "loss" in row}
+    assert history[4]["diag/update_norm_max"] == logged[4]["diag/update_norm_max"]
+    assert began == [1]  # moving itself ahead of the backends skipped no other callback

@@ -89,6 +89,13 @@ class RunArguments:
             "stops the run (0: stop at the first)."
         },
     )
+    divergence_patience: int = field(
+        default=0,
+        metadata={
+            "help": "Stop a diverged run: once the loss has stayed above the first step's loss for this many "
+            "consecutive steps, the run stops with an error (0: off)."
+        },
+    )
     sample_prompt: str = field(default="def ", metadata={"help": "Prompt of the generated sample printed at the end."})
     sample_tokens: int = field(default=48, metadata={"help": "Length of the generated sample."})
     eval_max_batches: int | None = field(
@@ -102,7 +109,7 @@ class RunArguments:
     def __post_init__(self):
         if self.spike_action not in ("log", "skip", "rollback"):
             raise ValueError(f"--spike_action must be one of log, skip, rollback; got {self.spike_action!r}.")
-        for name in ("max_rollbacks", "max_consecutive_nonfinite", "sample_tokens"):
+        for name in ("max_rollbacks", "max_consecutive_nonfinite", "sample_tokens", "divergence_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
         if self.eval_max_batches is not None and self.eval_max_batches < 1:

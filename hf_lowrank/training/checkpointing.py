@@ -72,17 +72,21 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Write JSON to ``path`` through a temporary file, fsynced and renamed, so readers see all or nothing."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, fsynced and renamed, so readers see all or nothing."""
     path = Path(path)
-    tmp = path.with_name(f"{STAGING_PREFIX}{path.name}")
+    tmp = path.with_name(f"{STAGING_PREFIX}{path.name}.{os.getpid()}")
     with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically (see `write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:

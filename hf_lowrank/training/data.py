@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow.compute as pc
+import torch
 from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, Sequence, Value, load_dataset
 from datasets.fingerprint import Hasher
 
@@ -549,6 +550,21 @@ def build_datasets(
     return tokenizer, packed["train"], packed.get("validation")
 
 
+def unigram_cross_entropy(train_dataset, eval_dataset, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the validation tokens under the training split's unigram distribution
+    (add-one smoothed): the loss a model that ignores context would reach."""
+    counts = torch.ones(vocab_size, dtype=torch.float64)
+    for block in train_dataset.with_format("torch")["input_ids"]:
+        counts += torch.bincount(block.flatten(), minlength=vocab_size)[:vocab_size].double()
+    log_probs = (counts / counts.sum()).log()
+    total, n = 0.0, 0
+    for block in eval_dataset.with_format("torch")["input_ids"]:
+        ids = block.flatten()[1:]  # the first token of a block is never predicted
+        total -= log_probs[ids].sum().item()
+        n += ids.numel()
+    return total / max(n, 1)
+
+
 __all__ = [
     "DEFAULT_MAX_CORPUS_BYTES",
     "DataArguments",
@@ -561,4 +577,5 @@ __all__ = [
     "split_default_corpus",
     "stable_hash",
     "tokenize_and_pack",
+    "unigram_cross_entropy",
 ]

@@ -5,36 +5,55 @@ watch. Everything here is optimizer-agnostic: it reads the model before and afte
 naive AdamW baseline is measured the same way as Spectron.
 """
 
+import inspect
 import math
+import warnings
 from collections import deque
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import CallbackHandler
 
 from ..modeling_lowrank import LowRankLinear
 
 
 @torch.no_grad()
 def spectral_norm(matrix: torch.Tensor) -> torch.Tensor:
-    """Largest singular value, in float32. For a thin factor (long × r) this is an SVD of cost O(long · r²)."""
-    return torch.linalg.matrix_norm(matrix.float(), ord=2)
+    """Largest singular value, in float32 (float64 input stays float64). For a thin factor (long × r) this is an SVD
+    of cost O(long · r²)."""
+    return torch.linalg.matrix_norm(matrix if matrix.dtype == torch.float64 else matrix.float(), ord=2)
 
 
 @torch.no_grad()
 def lowrank_difference_spectral_norm(
     up_before: torch.Tensor, down_before: torch.Tensor, up_after: torch.Tensor, down_after: torch.Tensor
 ) -> torch.Tensor:
-    """‖up_after·down_after − up_before·down_before‖₂ without forming an (out × in) matrix.
+    """‖up_after·down_after − up_before·down_before‖₂ without forming an (out × in) matrix, in float64.
 
-    The difference is L·R with L = [up_after, −up_before] (out × 2r) and R = [down_after; down_before] (2r × in).
-    With L = Q_L T_L and Rᵀ = Q_R T_R (thin QR), ‖L R‖₂ = ‖T_L T_Rᵀ‖₂, a (2r × 2r) problem.
+    A late-training update is ~1e-6 of the weights, so the two products agree to about float32's precision and
+    their difference, formed as L·R with L = [up_after, −up_before], is float32 rounding noise (seen: ‖ΔW‖₂/lr 1.76
+    where float64 gives 0.41). So the factor differences are taken first (exact: close floats subtract without
+    rounding), ΔW = ΔU·down_after + up_before·ΔD = L·R with L = [ΔU, up_before] (out × 2r) and
+    R = [down_after; ΔD] (2r × in), and everything after runs in float64. With L = Q_L T_L and Rᵀ = Q_R T_R (thin
+    QR), ‖L R‖₂ = ‖T_L T_Rᵀ‖₂, a (2r × 2r) problem. Returns a float32 scalar.
     """
-    left = torch.cat([up_after.float(), -up_before.float()], dim=1)  # (out, 2r)
-    right = torch.cat([down_after.float(), down_before.float()], dim=0)  # (2r, in)
+    up_before, down_before = up_before.double(), down_before.double()
+    up_after, down_after = up_after.double(), down_after.double()
+    left = torch.cat([up_after - up_before, up_before], dim=1)  # (out, 2r)
+    right = torch.cat([down_after, down_after - down_before], dim=0)  # (2r, in)
     _, t_left = torch.linalg.qr(left)  # (2r, 2r)
     _, t_right = torch.linalg.qr(right.T)  # (2r, 2r)
-    return torch.linalg.matrix_norm(t_left @ t_right.T, ord=2)
+    return torch.linalg.matrix_norm(t_left @ t_right.T, ord=2).float()
+
+
+@torch.no_grad()
+def lowrank_product_spectral_norm(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """‖up·down‖₂ of a factor pair without forming the (out × in) product: with up = Q_U T_U and
+    downᵀ = Q_D T_D (thin QR), ‖up·down‖₂ = ‖T_U T_Dᵀ‖₂, an (r × r) problem."""
+    _, t_up = torch.linalg.qr(up.float())  # (r, r)
+    _, t_down = torch.linalg.qr(down.float().T)  # (r, r)
+    return torch.linalg.matrix_norm(t_up @ t_down.T, ord=2)
 
 
 def factorized_layers(model: nn.Module) -> dict[str, LowRankLinear]:
@@ -111,9 +130,11 @@ class SpectralDiagnosticsCallback(TrainerCallback):
     model) the max and mean of σ(up), σ(down), and ‖ΔW‖₂ of that step's update, plus ‖ΔW‖₂ / lr.
 
     Keys (prefix ``diag/``): ``sigma_up_max``, ``sigma_up_mean``, ``sigma_down_max``, ``sigma_down_mean``,
-    ``update_norm_max``, ``update_norm_mean``, ``update_over_lr_max``, and ``loss_spikes`` when a spike detector
+    ``update_norm_max``, ``update_norm_mean``, ``update_over_lr_max``, ``weight_norm_max`` and
+    ``weight_norm_mean`` (‖W‖₂ of the product up·down, or of the dense weight), and ``loss_spikes`` when a spike detector
     is attached (`LowRankTrainer`'s step guard feeds that detector every step's loss, averaged over ranks). With `LowRankTrainer` they are merged into the next regular log line, so they reach
-    ``trainer_state.json`` and every ``report_to`` backend; with a plain `Trainer` they are added in ``on_log``.
+    ``trainer_state.json`` and every ``report_to`` backend; with a plain `Trainer` they are added in ``on_log``,
+    and the callback moves itself ahead of the reporting callbacks at ``on_train_begin`` so that they see them too.
     """
 
     def __init__(self, every: int = 10, spike_detector: LossSpikeDetector | None = None):
@@ -123,6 +144,40 @@ class SpectralDiagnosticsCallback(TrainerCallback):
         self.spike_detector = spike_detector
         self._snapshot: dict[str, tuple[torch.Tensor, ...]] | None = None
         self._pending: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._run_before_reporting_callbacks()
+
+    def _run_before_reporting_callbacks(self) -> None:
+        """Move this callback to the front of its Trainer's callback list.
+
+        The Trainer puts the `report_to` callbacks (TensorBoard, W&B, ...) before user callbacks, and each backend
+        writes the log dict when its own ``on_log`` runs: values a later callback adds in ``on_log`` reach
+        ``trainer_state.json`` but no backend. Callbacks are not handed their `CallbackHandler`, so we take it from
+        the caller's frame (`CallbackHandler.call_event`). Moving ourselves from index i to 0 while the handler loops
+        over the list leaves every later index in place, so no callback of this event is skipped or repeated.
+        """
+        frame = inspect.currentframe()
+        try:
+            caller, handler = frame.f_back, None
+            for _ in range(4):  # call_event <- on_train_begin <- Trainer
+                if caller is None:
+                    break
+                if isinstance(caller.f_locals.get("self"), CallbackHandler):
+                    handler = caller.f_locals["self"]
+                    break
+                caller = caller.f_back
+        finally:
+            del frame
+        if handler is None or self not in handler.callbacks:
+            warnings.warn(
+                "SpectralDiagnosticsCallback could not find its Trainer's callback list: diag/* values reach "
+                "trainer_state.json but maybe not the report_to backends. Train with LowRankTrainer to be sure.",
+                stacklevel=2,
+            )
+            return
+        handler.callbacks.remove(self)
+        handler.callbacks.insert(0, self)
 
     def _due(self, state) -> bool:
         return (state.global_step + 1) % self.every == 0  # global_step is incremented after the optimizer step
@@ -143,7 +198,7 @@ class SpectralDiagnosticsCallback(TrainerCallback):
         if self._snapshot is None or model is None:
             return
         model = _unwrap(model)
-        sigma_up, sigma_down, updates = [], [], []
+        sigma_up, sigma_down, updates, weights = [], [], [], []
         factorized = factorized_layers(model)
         if factorized:
             for name, module in factorized.items():
@@ -152,14 +207,19 @@ class SpectralDiagnosticsCallback(TrainerCallback):
                 sigma_up.append(spectral_norm(up).item())
                 sigma_down.append(spectral_norm(down).item())
                 updates.append(lowrank_difference_spectral_norm(up_before, down_before, up, down).item())
+                weights.append(lowrank_product_spectral_norm(up, down).item())
         else:
             for name, module in dense_projections(model).items():
                 (before,) = self._snapshot[name]
-                updates.append(spectral_norm(module.weight.detach() - before).item())
+                # float64: a late-training update is at the edge of float32's precision relative to the weight
+                updates.append(spectral_norm(module.weight.detach().double() - before.double()).item())
+                weights.append(spectral_norm(module.weight.detach()).item())
         self._snapshot = None
         logs = {
             "diag/update_norm_max": max(updates, default=float("nan")),
             "diag/update_norm_mean": sum(updates) / max(len(updates), 1),
+            "diag/weight_norm_max": max(weights, default=float("nan")),
+            "diag/weight_norm_mean": sum(weights) / max(len(weights), 1),
         }
         if sigma_up:
             logs.update(

@@ -29,6 +29,10 @@ class NonFiniteTrainingError(RuntimeError):
     """Too many consecutive optimizer steps with a NaN/inf loss or gradient: the run stops."""
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss stayed above the first step's loss for ``divergence_patience`` consecutive steps: the run stops."""
+
+
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     """Whether every given tensor (None entries ignored) is free of NaN and inf, with one host sync."""
     flags = [torch.isfinite(t).all() for t in tensors if t is not None]
@@ -59,6 +63,9 @@ class StepGuard:
         spike_action: on a spike, ``"log"`` counts it and applies the update, ``"skip"`` drops the update,
             ``"rollback"`` drops it and asks the trainer to reload the last complete checkpoint.
         max_rollbacks: rollbacks allowed in a run; a spike after that stops the run.
+        divergence_patience: stop the run with :class:`TrainingDivergedError` once the (finite) loss has stayed
+            above the first step's loss for this many consecutive steps: a diverged run, whose remaining steps
+            would be wasted compute. 0 turns the check off.
 
     Counters (``guard/*`` in the logs) and the detector's state are plain numbers, saved with every checkpoint.
     """
@@ -69,6 +76,7 @@ class StepGuard:
         spike_detector: LossSpikeDetector | None = None,
         spike_action: str = "log",
         max_rollbacks: int = 3,
+        divergence_patience: int = 0,
     ):
         if max_consecutive_nonfinite < 0:
             raise ValueError(f"max_consecutive_nonfinite must be >= 0, got {max_consecutive_nonfinite}.")
@@ -76,10 +84,15 @@ class StepGuard:
             raise ValueError(f"spike_action must be one of {list(SPIKE_ACTIONS)}, got {spike_action!r}.")
         if max_rollbacks < 0:
             raise ValueError(f"max_rollbacks must be >= 0, got {max_rollbacks}.")
+        if divergence_patience < 0:
+            raise ValueError(f"divergence_patience must be >= 0 (0: off), got {divergence_patience}.")
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.spike_detector = spike_detector
         self.spike_action = spike_action
         self.max_rollbacks = max_rollbacks
+        self.divergence_patience = divergence_patience
+        self.initial_loss: float | None = None  # the first finite step loss of the run
+        self.steps_above_initial = 0  # consecutive steps whose loss exceeded it
         self.skipped_steps = 0  # updates not applied, for any reason
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
@@ -107,6 +120,7 @@ class StepGuard:
             )
             return SKIP
         self.consecutive_nonfinite = 0
+        self._check_divergence(loss, step)
         if self.spike_detector is None or not self.spike_detector.update(loss):
             return APPLY
         if self.spike_action == "log":
@@ -121,6 +135,18 @@ class StepGuard:
         logger.warning("Step %d: loss spike (%.4g); update skipped (--spike_action %s).", step, loss, self.spike_action)
         return ROLLBACK if self.spike_action == "rollback" else SKIP
 
+    def _check_divergence(self, loss: float, step: int) -> None:
+        if self.initial_loss is None:
+            self.initial_loss = loss
+            return
+        self.steps_above_initial = self.steps_above_initial + 1 if loss > self.initial_loss else 0
+        if self.divergence_patience and self.steps_above_initial >= self.divergence_patience:
+            raise TrainingDivergedError(
+                f"Step {step}: the loss ({loss:.4g}) has stayed above the first step's loss ({self.initial_loss:.4g}) "
+                f"for {self.steps_above_initial} steps (--divergence_patience={self.divergence_patience}): the run "
+                "diverged; stopping. Lower --learning_rate, or set --divergence_patience 0 to train on regardless."
+            )
+
     def logs(self) -> dict[str, float]:
         return {
             "guard/skipped_steps": self.skipped_steps,
@@ -134,12 +160,16 @@ class StepGuard:
             "nonfinite_steps": self.nonfinite_steps,
             "consecutive_nonfinite": self.consecutive_nonfinite,
             "rollbacks": self.rollbacks,
+            "initial_loss": self.initial_loss,
+            "steps_above_initial": self.steps_above_initial,
             "spike_detector": None if self.spike_detector is None else self.spike_detector.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped_steps, self.nonfinite_steps = state["skipped_steps"], state["nonfinite_steps"]
         self.consecutive_nonfinite, self.rollbacks = state["consecutive_nonfinite"], state["rollbacks"]
+        # Absent from checkpoints written before the divergence check existed: it restarts from the next loss.
+        self.initial_loss, self.steps_above_initial = state.get("initial_loss"), state.get("steps_above_initial", 0)
         if self.spike_detector is not None and state["spike_detector"] is not None:
             self.spike_detector.load_state_dict(state["spike_detector"])
 

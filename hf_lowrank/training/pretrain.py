@@ -17,19 +17,18 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import HfArgumentParser, default_data_collator, set_seed
+from datasets import IterableDataset
+from transformers import HfArgumentParser, set_seed
 
 from ..modeling_lowrank import LowRankLlamaForCausalLM
 from ..presets import PRESETS, count_parameters, preset_config
 from .arguments import ModelArguments, OptimizerArguments, PretrainingArguments, RunArguments, resolve_learning_rate
 from .checkpointing import latest_complete_checkpoint, resolve_resume_checkpoint
-from .data import DataArguments, build_datasets, resolve_block_size
-from .diagnostics import LossSpikeDetector, SpectralDiagnosticsCallback
+from .data import DataArguments, build_datasets, resolve_block_size, unigram_cross_entropy
 from .distributed import check_launch
-from .guards import StepGuard
 from .plots import plot_training_curves
 from .tokenizer import check_vocab
-from .trainer import LowRankTrainer
+from .trainer import build_step_guard, build_trainer
 
 logger = logging.getLogger("hf_lowrank.pretrain")
 
@@ -95,21 +94,6 @@ def _hardware() -> str:
     )
 
 
-def unigram_cross_entropy(train_dataset, eval_dataset, vocab_size: int) -> float:
-    """Cross-entropy (nats/token) of the validation tokens under the training split's unigram distribution
-    (add-one smoothed): the loss a model that ignores context would reach."""
-    counts = torch.ones(vocab_size, dtype=torch.float64)
-    for block in train_dataset.with_format("torch")["input_ids"]:
-        counts += torch.bincount(block.flatten(), minlength=vocab_size)[:vocab_size].double()
-    log_probs = (counts / counts.sum()).log()
-    total, n = 0.0, 0
-    for block in eval_dataset.with_format("torch")["input_ids"]:
-        ids = block.flatten()[1:]  # the first token of a block is never predicted
-        total -= log_probs[ids].sum().item()
-        n += ids.numel()
-    return total / max(n, 1)
-
-
 @torch.no_grad()
 def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
     model.eval()
@@ -148,24 +132,14 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
     # Build (and so validate) the model config and the step guard before any data work: a typo fails in a
     # second, not after tokenization. A named tokenizer sets the vocabulary unless --config_overrides fixes it.
     config = build_config(model_args)
-    spike_detector = LossSpikeDetector(
-        window=run_args.spike_window,
-        threshold=run_args.spike_threshold,
-        min_increase=run_args.spike_min_increase,
-        warmup=run_args.spike_warmup,
-    )
-    guard = StepGuard(
-        max_consecutive_nonfinite=run_args.max_consecutive_nonfinite,
-        spike_detector=spike_detector,
-        spike_action=run_args.spike_action,
-        max_rollbacks=run_args.max_rollbacks,
-    )
+    guard = build_step_guard(run_args)
     output_dir.mkdir(parents=True, exist_ok=True)
+    block_size = resolve_block_size(data_args, config)
     with training_args.main_process_first(desc="tokenizer and dataset preparation"):
         tokenizer, train_dataset, eval_dataset = build_datasets(
             data_args,
             output_dir=str(output_dir),
-            block_size=resolve_block_size(data_args, config),
+            block_size=block_size,
             config=config if data_args.tokenizer_name is None else None,
         )
     if data_args.tokenizer_name is not None:
@@ -178,6 +152,10 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.model_max_length = config.max_position_embeddings  # saved beside the model; a trained BPE says 1e30
+    streaming = isinstance(train_dataset, IterableDataset)
+    if streaming:
+        logger.info("Streaming: the unigram baseline (which reads the whole training split) is not computed.")
 
     set_seed(training_args.seed)
     model = LowRankLlamaForCausalLM(config)
@@ -193,27 +171,24 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
         training_args.learning_rate,
     )
 
-    diagnostics = SpectralDiagnosticsCallback(
-        every=run_args.diagnostics_steps or max(1, int(training_args.logging_steps)),
-        spike_detector=spike_detector,  # the same detector the guard feeds: diag/loss_spikes counts its spikes
-    )
+    use_cache = model.config.use_cache  # before the Trainer overwrites it
     periodic_eval = eval_dataset
-    if run_args.eval_max_batches is not None and eval_dataset is not None:
-        n = min(len(eval_dataset), run_args.eval_max_batches * training_args.per_device_eval_batch_size)
-        periodic_eval = eval_dataset.select(range(n))
-    trainer = LowRankTrainer(
-        model=model,
-        args=training_args,
+    if run_args.eval_max_batches is not None:
+        n = run_args.eval_max_batches * training_args.per_device_eval_batch_size
+        periodic_eval = eval_dataset.take(n) if streaming else eval_dataset.select(range(min(len(eval_dataset), n)))
+    trainer = build_trainer(
+        model,
+        training_args,
+        optimizer_args,
+        run_args,
         train_dataset=train_dataset,
         eval_dataset=periodic_eval,
-        data_collator=default_data_collator,
         processing_class=tokenizer,
-        callbacks=[diagnostics],
-        optimizer_args=optimizer_args,
         guard=guard,
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.time() - started
+    model.config.use_cache = use_cache  # the Trainer set it to TrainingArguments.use_cache (False)
     trainer.save_model(str(output_dir))  # model (safetensors) + tokenizer + self-contained code
 
     eval_metrics = trainer.evaluate(eval_dataset=eval_dataset)
@@ -223,9 +198,10 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
         "train_runtime_s": train_result.metrics.get("train_runtime"),
         "eval_loss": eval_loss,
         "perplexity": math.exp(eval_loss) if eval_loss < 50 else float("inf"),
-        "unigram_loss": unigram_cross_entropy(train_dataset, eval_dataset, config.vocab_size),
-        "eval_tokens": len(eval_dataset) * len(eval_dataset[0]["input_ids"]),
-        "loss_spikes": diagnostics.spike_detector.spikes,
+        # A stream cannot be read twice cheaply (the unigram baseline reads the whole training split): None.
+        "unigram_loss": None if streaming else unigram_cross_entropy(train_dataset, eval_dataset, config.vocab_size),
+        "eval_tokens": scored_eval_tokens(eval_dataset, block_size, training_args),
+        "loss_spikes": guard.spike_detector.spikes,
         "skipped_steps": guard.skipped_steps,
         "rollbacks": guard.rollbacks,
         "max_update_over_lr": max(
@@ -246,14 +222,13 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
             {
                 "perplexity": metrics["perplexity"],
                 "loss": eval_loss,
-                "tokens": metrics["eval_tokens"],
+                "tokens": metrics["eval_tokens"],  # scored tokens, as `hf-lowrank evaluate` counts them
                 "dataset": _dataset_name(data_args),
                 "split": "validation",
-                "max_length": config.max_position_embeddings,
-                "stride": config.max_position_embeddings,
+                "max_length": block_size,  # each block is one window; its first token is not scored
+                "stride": block_size,
             },
         )
-        block_size = len(train_dataset[0]["input_ids"])
         world = training_args.world_size
         global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
         _write_json(
@@ -274,6 +249,7 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
                 "hardware": _hardware(),
                 "world_size": world,
                 "dataset": _dataset_name(data_args),
+                "streaming": streaming,
                 "seed": training_args.seed,
                 "final_train_loss": train_result.training_loss,
                 "transformers_version": transformers.__version__,
@@ -282,6 +258,17 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
         )
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
     return metrics
+
+
+def scored_eval_tokens(eval_dataset, block_size: int, training_args) -> int:
+    """Tokens the final evaluation scored: every block but its first token (nothing in the block predicts it),
+    over the blocks the Trainer's evaluation loader yields (``dataloader_drop_last`` drops a last partial batch
+    per process). A streamed split is counted by reading it once more."""
+    blocks = len(eval_dataset) if not isinstance(eval_dataset, IterableDataset) else sum(1 for _ in eval_dataset)
+    if training_args.dataloader_drop_last:
+        per_step = training_args.per_device_eval_batch_size * training_args.world_size
+        blocks -= blocks % per_step
+    return blocks * (block_size - 1)
 
 
 def _dataset_name(data_args) -> str:
@@ -304,9 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     training_args = args[-1]
     if training_args.process_index == 0:
         out = training_args.output_dir
+        unigram = metrics["unigram_loss"]
+        baseline = "n/a for a streamed dataset" if unigram is None else f"{unigram:.3f}"
         print(
             f"\nvalidation loss {metrics['eval_loss']:.3f} (perplexity {metrics['perplexity']:.2f}; "
-            f"unigram baseline {metrics['unigram_loss']:.3f}), {metrics['loss_spikes']} loss spikes, "
+            f"unigram baseline {baseline}), {metrics['loss_spikes']} loss spikes, "
             f"wall time {metrics['wall_time_s']:.0f} s"
         )
         print(f"\nSample ({args[3].sample_prompt!r} ->):\n{metrics['sample']}\n")

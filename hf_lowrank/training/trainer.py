@@ -14,7 +14,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from transformers.utils import is_torch_xla_available
 
 from ..optim import build_optimizer
-from .arguments import OptimizerArguments
+from .arguments import OptimizerArguments, RunArguments
 from .checkpointing import (
     EXTRA_STATE_NAME,
     CheckpointError,
@@ -29,7 +29,7 @@ from .checkpointing import (
     staging_dir,
     write_json_atomic,
 )
-from .diagnostics import SpectralDiagnosticsCallback
+from .diagnostics import LossSpikeDetector, SpectralDiagnosticsCallback
 from .guards import APPLY, ROLLBACK, GuardedOptimizer, StepGuard, all_finite
 
 logger = logging.getLogger(__name__)
@@ -74,11 +74,14 @@ class LowRankTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             options = self.optimizer_args
+            adamw_lr = options.adamw_learning_rate
+            if options.optimizer == "adamw" and adamw_lr == self.args.learning_rate:
+                adamw_lr = None  # `resolve_learning_rate` filled it in as lr: nothing is ignored, so no warning
             optimizer = build_optimizer(
                 self.model if model is None else model,
                 options.optimizer,
                 lr=self.args.learning_rate,
-                adamw_lr=options.adamw_learning_rate,
+                adamw_lr=adamw_lr,
                 weight_decay=self.args.weight_decay,
                 adamw_weight_decay=options.adamw_weight_decay,
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
@@ -261,3 +264,55 @@ class LowRankTrainer(Trainer):
         if self.args.should_save:
             keep = {self.state.best_model_checkpoint} if self.state.best_model_checkpoint else set()
             rotate_checkpoints(run_dir, self.args.save_total_limit, keep=keep)
+
+
+def build_step_guard(run_args: RunArguments) -> StepGuard:
+    """The step guard of ``run_args`` (non-finite policy, loss-spike detector and policy, divergence stop)."""
+    spike_detector = LossSpikeDetector(
+        window=run_args.spike_window,
+        threshold=run_args.spike_threshold,
+        min_increase=run_args.spike_min_increase,
+        warmup=run_args.spike_warmup,
+    )
+    return StepGuard(
+        max_consecutive_nonfinite=run_args.max_consecutive_nonfinite,
+        spike_detector=spike_detector,
+        spike_action=run_args.spike_action,
+        max_rollbacks=run_args.max_rollbacks,
+        divergence_patience=run_args.divergence_patience,
+    )
+
+
+def build_trainer(
+    model,
+    training_args,
+    optimizer_args: OptimizerArguments,
+    run_args: RunArguments,
+    *,
+    train_dataset,
+    eval_dataset=None,
+    processing_class=None,
+    data_collator=None,
+    guard: StepGuard | None = None,
+    callbacks: tuple = (),
+) -> LowRankTrainer:
+    """The `LowRankTrainer` of a pretraining run, with its step guard and `SpectralDiagnosticsCallback`: what
+    `hf-lowrank pretrain` trains with, and what the stability study trains every run with."""
+    from transformers import default_data_collator
+
+    guard = guard or build_step_guard(run_args)
+    diagnostics = SpectralDiagnosticsCallback(
+        every=run_args.diagnostics_steps or max(1, int(training_args.logging_steps)),
+        spike_detector=guard.spike_detector,  # the detector the guard feeds: diag/loss_spikes counts its spikes
+    )
+    return LowRankTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=data_collator or default_data_collator,
+        processing_class=processing_class,
+        callbacks=[diagnostics, *callbacks],
+        optimizer_args=optimizer_args,
+        guard=guard,
+    )
