@@ -1,109 +1,231 @@
-"""The stability sweep's report: ``results.json``, ``results.md`` and three plots, from the run records alone
-(so it can be regenerated from ``runs/*.json`` without training anything)."""
+"""The stability study's report: ``summary.json``, ``results.md`` and the plots, from the run records alone (so
+``--report-only`` regenerates them without training anything)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-import os
+import statistics
 from pathlib import Path
 
 from ..presets import count_parameters
-from .sweep import VARIANTS, SweepPlan, best_learning_rate
+from ..training.checkpointing import write_text_atomic
+from .plan import FLOPS_VARIANTS, RANK_VARIANT, STRESS_VARIANTS, VARIANTS, StudyPlan
 
 ADAMW_FAMILY = ("adamw",)  # optimizers whose lr is an AdamW step; the others' lr is a spectral-norm bound
+WIDTH_TOLERANCE = 0.1  # nats: the lr range whose final loss is within this of the best
 
 
-def summarize(plan: SweepPlan, done: dict[str, dict], data_info: dict) -> dict:
-    """The ``results.json`` payload: settings, model, one entry per variant, and the equal-FLOPs comparison."""
+# ------------------------------------------------------------------------------------------------ measures
+def lr_width_decades(finals: dict[float, tuple[float, bool]], grid: list[float], tolerance: float) -> float | None:
+    """Width (decades) of the lr range whose final loss is within ``tolerance`` of the best.
+
+    Walks the grid outward from the best lr; between two adjacent grid points that both trained to the end the
+    loss is interpolated linearly in log(lr); the range stops at a diverged neighbour and is never extrapolated
+    past a grid point that was not trained to the end (pruned at the rung, its final loss is unknown).
+    """
+    alive = {lr: loss for lr, (loss, diverged) in finals.items() if not diverged and math.isfinite(loss)}
+    if not alive:
+        return None
+    best = min(alive, key=alive.get)
+    threshold = alive[best] + tolerance
+    grid = sorted(grid)
+    edges = []
+    for direction in (-1, 1):
+        i, edge = grid.index(best), math.log10(best)
+        while 0 <= i + direction < len(grid):
+            nxt = grid[i + direction]
+            if nxt not in alive:  # diverged, or pruned before the end: the range stops at the last measured lr
+                break
+            if alive[nxt] > threshold:  # crossing between two measured points
+                here, there = alive[grid[i]], alive[nxt]
+                frac = (threshold - here) / (there - here)
+                edge = math.log10(grid[i]) + frac * (math.log10(nxt) - math.log10(grid[i]))
+                break
+            i, edge = i + direction, math.log10(nxt)
+        edges.append(edge)
+    return round(edges[1] - edges[0], 3)
+
+
+def _growth(record: dict, key: str) -> float | None:
+    """Last over first measured value of a diagnostics curve (e.g. the largest σ(up) over training)."""
+    values = [v for v in record["diagnostics"].get(key, []) if v is not None and math.isfinite(v)]
+    return values[-1] / values[0] if len(values) >= 2 and values[0] > 0 else None
+
+
+def _factor_growth(record: dict) -> float | None:
+    growth = [g for g in (_growth(record, "sigma_up_max"), _growth(record, "sigma_down_max")) if g is not None]
+    return max(growth) if growth else None
+
+
+def _finite_max(values) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return max(finite) if finite else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _brief(record: dict) -> dict:
+    keys = (
+        "id", "lr", "seed", "steps", "clip", "rank_ratio", "rank", "steps_done", "tokens", "initial_loss", "final_loss",
+        "evals", "diverged", "stop_reason", "spikes", "skipped_steps", "max_update_norm", "wall_time_s",
+        "tokens_per_s", "flops_per_token", "parameters",
+    )  # fmt: skip
+    out = {k: record.get(k) for k in keys}
+    out["training_flops"] = record["tokens"] * record["flops_per_token"]
+    out["factor_norm_growth"] = _factor_growth(record)
+    out["weight_norm_growth"] = _growth(record, "weight_norm_max")
+    out["max_weight_norm"] = _finite_max(record["diagnostics"].get("weight_norm_max", []))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def summarize(plan: StudyPlan, done: dict[str, dict], data_info: dict) -> dict:
+    """The ``summary.json`` payload (the fields the issue names, plus the details behind them)."""
     s = plan.settings
     factorized, dense = s.model_config(dense=False), s.model_config(dense=True)
     counts = {"factorized": count_parameters(factorized), "dense": count_parameters(dense)}
     variants = {}
-    for variant in plan.variants:
-        grid = [done[job.id] for job in plan.grid_jobs() if job.variant == variant and job.id in done]
-        best = best_learning_rate(grid) if len(grid) == len(s.lr_grids[variant]) else None
-        seeds = sorted(
-            (r for r in done.values() if r["variant"] == variant and r["lr"] == best and r["steps"] == s.max_steps),
-            key=lambda r: r["seed"],
-        )
-        flops_runs = [r for r in done.values() if r["variant"] == variant and r["role"] == "flops" and r["lr"] == best]
-        losses = [r["final_loss"] for r in seeds]
-        lrs = list(s.lr_grids[variant])
-        variants[variant] = {
-            "label": VARIANTS[variant].label,
-            "lr_grid": lrs,
-            "grid_complete": len(grid) == len(lrs),
+    for name in plan.variants:
+        lrs = plan.grid_lrs(name, done)
+        grid = {lr: done.get(plan.grid_job(name, lr).id) for lr in lrs}
+        final = plan.grid_final(name, done)
+        best = plan.best_lr(name, done) if final else None
+        top = plan.top_stable_lr(name, done) if final else None
+        at_best = _seed_runs(done, name, best, s.steps)
+        at_top = _seed_runs(done, name, top, s.steps)
+        finals = plan.grid_finals(name, done)
+        variants[name] = {
+            "label": VARIANTS[name].label,
+            "optimizer": VARIANTS[name].optimizer,
+            "learning_rates": lrs,
+            "initial_grid": sorted(s.lr_grids[name]),
+            "grid_final": final,
             "best_lr": best,
-            "best_lr_at_grid_edge": best is not None and best in (min(lrs), max(lrs)),
-            "grid": [_brief(r) for r in sorted(grid, key=lambda r: r["lr"])],
-            "diverged": sum(r["diverged"] for r in grid),
-            "spikes_grid": sum(r["spikes"] for r in grid),
-            "best_seeds": [_brief(r) for r in seeds],
-            "final_loss_mean": sum(losses) / len(losses) if losses else None,
-            "final_loss_spread": (max(losses) - min(losses)) / 2 if losses else None,
-            "spikes_best": [r["spikes"] for r in seeds],
-            "max_update_norm_best": max((r["max_update_norm"] for r in seeds), default=None),
-            "max_update_norm_top_lr": next((r["max_update_norm"] for r in grid if r["lr"] == max(lrs)), None),
-            "top_stable_lr": max((r["lr"] for r in grid if not r["diverged"]), default=None),
-            "equal_flops": [_brief(r) for r in flops_runs],
+            "final_loss": [r["final_loss"] for r in at_best],
+            "final_loss_mean": _mean([r["final_loss"] for r in at_best]),
+            "diverged": sum(1 for r in grid.values() if r is not None and r["diverged"]),
+            "lr_width_decades": lr_width_decades(finals, lrs, WIDTH_TOLERANCE) if final else None,
+            "largest_stable_lr": top,
+            "final_loss_at_largest_stable_lr": [r["final_loss"] for r in at_top],
+            "spikes": sum(r["spikes"] for r in grid.values() if r is not None)
+            + sum(r["spikes"] for r in at_best + at_top if r["seed"] != s.seed),
+            "spikes_at_best_lr": [r["spikes"] for r in at_best],
+            "max_update_norm_at_best_lr": _finite_max(r["max_update_norm"] for r in at_best),
+            "max_update_norm_at_largest_stable_lr": _finite_max(r["max_update_norm"] for r in at_top),
+            "factor_norm_growth_at_best_lr": [_factor_growth(r) for r in at_best],
+            "weight_norm_growth_at_best_lr": [_growth(r, "weight_norm_max") for r in at_best],
+            "grid": [
+                {
+                    "lr": lr,
+                    "trained_to_end": r is not None and (r["diverged"] or r["steps_done"] >= s.steps),
+                    **_brief(r),
+                }
+                for lr, r in grid.items()
+                if r is not None
+            ],
+            "seeds_at_best_lr": [_brief(r) for r in at_best],
+            "seeds_at_largest_stable_lr": [_brief(r) for r in at_top],
         }
-    equal_flops = []
-    dense_best = variants.get("dense-adamw", {}).get("best_seeds", [])
-    if dense_best:
-        equal_flops.append({"variant": "dense-adamw", **_brief(dense_best[0])})
-    for variant, entry in variants.items():
-        for run in entry["equal_flops"]:
-            equal_flops.append({"variant": variant, **run})
+
+    rank_runs = [r for r in done.values() if r["rank_ratio"] is not None and r["clip"]]
+    rank_ablation = {
+        f"{ratio:g}": [r["final_loss"] for r in rank_runs if r["rank_ratio"] == ratio] for ratio in s.rank_ratios
+    }
+    spectron = variants.get(RANK_VARIANT, {})
+    rank_ablation[f"{factorized.rank_ratio:g}"] = spectron.get("final_loss", [])
+    rank_ablation = dict(sorted(rank_ablation.items(), key=lambda kv: float(kv[0])))
+
+    equal_flops = {}
+    if "dense_adamw" in variants and variants["dense_adamw"]["seeds_at_best_lr"]:
+        runs = variants["dense_adamw"]["seeds_at_best_lr"]
+        equal_flops["dense_adamw"] = _flops_entry(runs)
+    for name in FLOPS_VARIANTS:
+        best = variants.get(name, {}).get("best_lr")
+        runs = [
+            _brief(r)
+            for r in done.values()
+            if r["variant"] == name and r["lr"] == best and r["steps"] == plan.flops_steps(name) and r["clip"]
+            and r["rank_ratio"] is None and r["steps_done"] >= r["steps"]
+        ]  # fmt: skip
+        if runs:
+            equal_flops[name] = _flops_entry(sorted(runs, key=lambda r: r["seed"]))
+
+    stress = []
+    for name in STRESS_VARIANTS:
+        for r in sorted((r for r in done.values() if r["variant"] == name and not r["clip"]), key=lambda r: r["lr"]):
+            clipped = done.get(plan.grid_job(name, r["lr"]).id)
+            stress.append(
+                {"variant": name, **_brief(r), "clipped_twin": _brief(clipped) if clipped is not None else None}
+            )
+
+    segments = [seg for r in done.values() for seg in r["segments"] if "finished_at" in seg]
     return {
+        "unigram_loss": data_info["unigram_loss"],
+        "steps": s.steps,
+        "tokens_per_run": s.steps * s.tokens_per_step,
+        "tokens_per_step": s.tokens_per_step,
+        "variants": variants,
+        "rank_ablation": rank_ablation,
+        "rank_ablation_dense_reference": variants.get("dense_adamw", {}).get("final_loss", []),
+        "equal_flops": equal_flops,
+        "stress": stress,
         "settings": dataclasses.asdict(s),
         "fingerprint": s.fingerprint(),
+        "complete": plan.finished(done),
         "model": {
             "preset": s.preset,
             "overrides": s.model_overrides,
             "parameters": {k: c.total for k, c in counts.items()},
             "embedding_parameters": counts["factorized"].embeddings,
-            "projection_parameters": {
-                "factorized": counts["factorized"].projections,
-                "dense": counts["dense"].projections,
-            },
-            "training_flops_per_token": plan.flops_per_token,
+            "projection_parameters": {k: c.projections for k, c in counts.items()},
             "rank": factorized.rank_for("q_proj"),
+            "training_flops_per_token": {"factorized": s.flops_per_token(False), "dense": s.flops_per_token(True)},
         },
-        "data": {
-            **data_info,
-            "tokens_per_step": plan.tokens_per_step,
-            "tokens_per_run": s.max_steps * plan.tokens_per_step,
-        },
-        "variants": variants,
-        "equal_flops": equal_flops,
-        "runs": sorted(done),
-        "wall_time_s": round(sum(r["wall_time_s"] for r in done.values()), 1),
+        "data": data_info,
+        "runs": len(done),
+        "segments": sum(len(r["segments"]) for r in done.values()),
+        "worker_time_s": round(sum(seg["wall_s"] for r in done.values() for seg in r["segments"]), 1),
+        "wall_time_s": round(
+            max(seg["finished_at"] for seg in segments) - min(seg["finished_at"] - seg["wall_s"] for seg in segments), 1
+        )
+        if segments
+        else None,
     }
 
 
-def _brief(record: dict) -> dict:
-    keys = (
-        "id", "lr", "seed", "steps", "steps_done", "tokens", "final_loss", "initial_loss", "diverged", "stop_reason",
-        "spikes", "max_update_norm", "wall_time_s", "tokens_per_s", "flops_per_token",
-    )  # fmt: skip
-    return {k: record[k] for k in keys}
+def _seed_runs(done: dict, variant: str, lr: float | None, steps: int) -> list[dict]:
+    if lr is None:
+        return []
+    runs = [
+        r for r in done.values()
+        if r["variant"] == variant and r["lr"] == lr and r["steps"] == steps and r["clip"] and r["rank_ratio"] is None
+        and (r["diverged"] or r["steps_done"] >= steps)
+    ]  # fmt: skip
+    return sorted(runs, key=lambda r: r["seed"])
 
 
-def write_report(out_dir: Path, plan: SweepPlan, done: dict[str, dict], data_info: dict) -> dict:
+def _flops_entry(runs: list[dict]) -> dict:
+    return {
+        "training_flops": runs[0]["training_flops"],
+        "final_loss": [r["final_loss"] for r in runs],
+        "lr": runs[0]["lr"],
+        "steps": runs[0]["steps"],
+        "tokens": runs[0]["tokens"],
+        "parameters": runs[0]["parameters"],
+    }
+
+
+def write_report(out_dir: Path, plan: StudyPlan, done: dict[str, dict], data_info: dict) -> dict:
     summary = summarize(plan, done, data_info)
     out_dir = Path(out_dir)
-    _write_text(out_dir / "results.json", json.dumps(summary, indent=1) + "\n")
-    _write_text(out_dir / "results.md", results_markdown(summary))
+    write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out_dir / "results.md", results_markdown(summary))
     plot_all(out_dir, plan, done, summary)
     return summary
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ markdown
@@ -111,106 +233,139 @@ def _loss(x: float | None) -> str:
     return "—" if x is None else ("non-finite" if not math.isfinite(x) else f"{x:.3f}")
 
 
+def _num(x: float | None, fmt: str = ".3g") -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def _seeds(losses: list[float]) -> str:
+    if not losses:
+        return "—"
+    if len(losses) == 1:
+        return _loss(losses[0])
+    return f"{statistics.fmean(losses):.3f} ± {(max(losses) - min(losses)) / 2:.3f}"
+
+
 def results_markdown(summary: dict) -> str:
     s, model, data = summary["settings"], summary["model"], summary["data"]
     params = model["parameters"]
     lines = [
-        "# Stability sweep: results",
+        "# Stability study: results",
         "",
-        "Generated by `scripts/stability_sweep.py` (see `docs/stability.md`); every number below is in `results.json`"
-        " and every run's curves are in `runs/`.",
+        "Generated by `scripts/stability_sweep.py` from `runs/*.json` (see `docs/stability.md`); every number is in "
+        "`summary.json`." + ("" if summary["complete"] else " **The study is not complete yet: partial results.**"),
         "",
-        f"- Model: preset `{model['preset']}` with {model['overrides']}, rank {model['rank']}: "
-        f"{params['factorized'] / 1e6:.2f}M parameters factorized, {params['dense'] / 1e6:.2f}M dense "
-        f"({model['embedding_parameters'] / 1e6:.2f}M of them embeddings + LM head).",
-        f"- Training FLOPs per token: factorized {model['training_flops_per_token']['factorized'] / 1e6:.1f}M, "
-        f"dense {model['training_flops_per_token']['dense'] / 1e6:.1f}M.",
-        f"- Budget: {s['max_steps']} steps × {s['batch_size']} × {s['block_size']} tokens = "
-        f"{data['tokens_per_run']:,} tokens per run (of {data['train_tokens']:,} training tokens: no repetition), "
-        f"{s['warmup_ratio']:.0%} linear warm-up, cosine decay, gradient clipping {s['max_grad_norm']}, no weight "
-        f"decay. Spectron-family runs train embeddings, LM head and norms with AdamW at {s['adamw_lr']:g}.",
-        f"- Final loss: validation cross-entropy (nats/token) on a fixed {data['validation_tokens']:,}-token subset "
-        f"(unigram baseline {data['unigram_loss']:.3f}). Mean ± half-range over {s['seeds']} seeds at the best lr.",
-        "- Diverged: a non-finite loss, a final loss above the initial (step-1) loss, or a training loss above the "
-        f"initial loss for {s['divergence_patience']} consecutive steps (the run is stopped there).",
-        f"- Loss spike: `LossSpikeDetector(window={s['spike_window']}, threshold={s['spike_threshold']}, "
-        f"min_increase={s['spike_min_increase']}, warmup={s['spike_warmup']})`: a step loss more than "
-        f"{s['spike_threshold']:g} standard deviations and {s['spike_min_increase']:.0%} above the mean of the "
-        f"previous {s['spike_window']} steps.",
-        f"- max ‖ΔW‖₂: the largest spectral norm of one step's update over all projections, measured every "
-        f"{s['diagnostics_every']} steps (`diag/update_norm_max`).",
+        f"- Model: `{s['preset']}` preset with {model['overrides']}; factorized {params['factorized'] / 1e6:.2f}M "
+        f"parameters (rank {model['rank']}; {model['projection_parameters']['factorized'] / 1e6:.2f}M in projections, "
+        f"{model['embedding_parameters'] / 1e6:.2f}M in embeddings), dense {params['dense'] / 1e6:.2f}M "
+        f"({model['projection_parameters']['dense'] / 1e6:.2f}M in projections).",
+        f"- Data: the built-in corpus (Python standard library source), byte-level BPE vocabulary "
+        f"{data['tokenizer_size']}, {data['train_tokens']:,} training tokens; validation on a fixed "
+        f"{data['validation_tokens']:,}-token subset. Unigram baseline **{summary['unigram_loss']:.3f}** nats/token.",
+        f"- Budget per run: {summary['steps']} steps × {summary['tokens_per_step']:,} tokens = "
+        f"{summary['tokens_per_run']:,} tokens; {s['warmup_ratio']:.0%} linear warm-up, cosine decay to 0; gradient "
+        f"clipping at {s['max_grad_norm']} (except the stress runs); AdamW groups of the Spectron family at "
+        f"{s['adamw_lr']:g}. Successive halving: every grid run to step {s['rung_steps']}, then the "
+        f"{s['promote_top']} best, those within {s['promote_margin']} nats of the best and the largest surviving lr "
+        "continue to the end from their checkpoints.",
+        f"- Divergence: a NaN/inf loss or gradient, the loss above the first step's loss for "
+        f"{s['divergence_patience']} steps (`--divergence_patience`), or a final validation loss above the first "
+        "training loss. Spikes: the package's `LossSpikeDetector` at its defaults.",
+        f"- Compute: {summary['runs']} runs, {summary['segments']} segments, {_clock(summary['worker_time_s'])} of "
+        f"worker time, {_clock(summary['wall_time_s'])} wall with {s['threads_per_worker']} thread per worker.",
         "",
         "## Per variant",
         "",
-        "| variant | lr grid | best lr | final loss (best lr) | diverged / grid | spikes at best lr (per seed) "
-        "| spikes over grid | max ‖ΔW‖₂ at best lr | max ‖ΔW‖₂ at the largest lr that did not diverge | "
-        "max ‖ΔW‖₂ at top lr |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | best lr | final loss (seeds) | below unigram | lr width (decades, ±0.1 nats) | diverged / grid "
+        "| spikes | max ‖ΔW‖₂ at best lr | factor-norm growth | largest stable lr (final loss) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    notes = []
     for v in summary["variants"].values():
-        grid = ", ".join(f"{lr:g}" for lr in v["lr_grid"])
-        if v["final_loss_mean"] is None:
-            loss = "—"
-        else:
-            loss = f"{v['final_loss_mean']:.3f} ± {v['final_loss_spread']:.3f} (n={len(v['best_seeds'])})"
-        best = "—" if v["best_lr"] is None else f"{v['best_lr']:g}" + (" (edge)" if v["best_lr_at_grid_edge"] else "")
-        lines.append(
-            f"| {v['label']} | {grid} | {best} | {loss} | {v['diverged']} / {len(v['grid'])} | "
-            f"{', '.join(map(str, v['spikes_best'])) or '—'} | {v['spikes_grid']} | "
-            f"{_num(v['max_update_norm_best'])} | {_stable(v)} | {_num(v['max_update_norm_top_lr'])} |"
-        )
-        if not v["grid_complete"]:
-            notes.append(f"- {v['label']}: grid incomplete ({len(v['grid'])} of {len(v['lr_grid'])} runs).")
-        if v["best_lr_at_grid_edge"]:
-            notes.append(f"- {v['label']}: the best lr is at the edge of the grid; the optimum may lie beyond it.")
-    lines += ["", *notes, *([""] if notes else []), "## Final validation loss per learning rate", ""]
-    width = max(len(v["lr_grid"]) for v in summary["variants"].values())
-    lines += ["| variant | " + " | ".join(f"lr #{i + 1}" for i in range(width)) + " |", "| --- |" + " ---: |" * width]
-    for v in summary["variants"].values():
-        cells = []
-        for run in v["grid"]:
-            mark = " ✗" if run["diverged"] else ""
-            cells.append(f"{run['lr']:g}: {_loss(run['final_loss'])}{mark}")
-        cells += [""] * (width - len(cells))
-        lines.append(f"| {v['label']} | " + " | ".join(cells) + " |")
-    lines += ["", "✗ = diverged.", ""]
-    if summary["equal_flops"]:
-        lines += [
-            "## Equal training FLOPs (dense vs factorized)",
-            "",
-            "Each at its best lr; the factorized runs see more tokens, scaled by the ratio of training FLOPs per token.",
-            "",
-            "| variant | lr | tokens | training FLOPs | final loss | diverged | tokens/s (1 thread, shared CPU) | wall |",
-            "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        mean = v["final_loss_mean"]
+        growth = [g for g in v["factor_norm_growth_at_best_lr"] if g is not None] or [
+            g for g in v["weight_norm_growth_at_best_lr"] if g is not None
         ]
-        for run in summary["equal_flops"]:
-            flops = run["tokens"] * run["flops_per_token"]
+        lines.append(
+            f"| {v['label']} | {_num(v['best_lr'], 'g')} | {_seeds(v['final_loss'])} | "
+            f"{_num(None if mean is None else summary['unigram_loss'] - mean, '.2f')} | {_num(v['lr_width_decades'], '.2f')} "
+            f"| {v['diverged']} / {len(v['learning_rates'])} | {v['spikes']} | {_num(v['max_update_norm_at_best_lr'])} "
+            f"| {'—' if not growth else f'{max(growth):.2f}×'} | {_num(v['largest_stable_lr'], 'g')} "
+            f"({_seeds(v['final_loss_at_largest_stable_lr'])}) |"
+        )
+    lines += [
+        "",
+        "Factor-norm growth: the largest σ(up) or σ(down) over the layers at the end of training over its value at the "
+        "first measurement (dense: ‖W‖₂). Largest stable lr: the largest lr whose run trained to the end without "
+        "diverging.",
+        "",
+        "## Grids",
+        "",
+        f"Validation loss at the rung (step {s['rung_steps']}) and at the end; `pruned` runs stopped at the rung.",
+        "",
+    ]
+    for v in summary["variants"].values():
+        lines += [f"**{v['label']}** (grid {', '.join(f'{lr:g}' for lr in v['learning_rates'])})", ""]
+        lines += [
+            "| lr | rung loss | final loss | max ‖ΔW‖₂ | spikes | status |",
+            "| ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in v["grid"]:
+            rung = r["evals"].get(str(s["rung_steps"]))
+            status = (
+                f"diverged at step {r['steps_done']}"
+                if r["diverged"]
+                else ("trained" if r["trained_to_end"] else "pruned")
+            )
+            final = _loss(r["final_loss"]) if r["trained_to_end"] else "—"
             lines.append(
-                f"| {summary['variants'][run['variant']]['label']} | {run['lr']:g} | {run['tokens']:,} | {flops:.2e} | "
-                f"{_loss(run['final_loss'])} | {'yes' if run['diverged'] else 'no'} | {run['tokens_per_s']:,.0f} | "
-                f"{run['wall_time_s']:.0f} s |"
+                f"| {r['lr']:g} | {_loss(rung)} | {final} | {_num(r['max_update_norm'])} | {r['spikes']} | {status} |"
             )
         lines.append("")
+
     lines += [
-        f"Total training time over all {len(summary['runs'])} runs: {summary['wall_time_s'] / 60:.0f} worker-minutes.",
+        "## Rank ablation (Spectron at its best lr)",
         "",
-        "Plots: `loss_curves.png` (best lr per variant), `loss_vs_lr.png` (diverged runs marked ✗), "
-        "`update_norm.png` (‖ΔW‖₂ over training).",
-        "",
+        "| rank ratio | final loss (seeds) |",
+        "| ---: | ---: |",
     ]
+    for ratio, losses in summary["rank_ablation"].items():
+        lines.append(f"| {ratio} | {_seeds(losses)} |")
+    lines.append(f"| dense (AdamW) | {_seeds(summary['rank_ablation_dense_reference'])} |")
+    lines += [
+        "",
+        "## Equal training FLOPs",
+        "",
+        "| variant | lr | steps | tokens | training FLOPs | final loss (seeds) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, e in summary["equal_flops"].items():
+        lines.append(
+            f"| {VARIANTS[name].label} | {e['lr']:g} | {e['steps']} | {e['tokens']:,} | {e['training_flops']:.3g} | "
+            f"{_seeds(e['final_loss'])} |"
+        )
+    lines += [
+        "",
+        "## Stress: no gradient clipping",
+        "",
+        "| variant | lr | final loss | status | max ‖ΔW‖₂ | spikes | with clipping: final loss, max ‖ΔW‖₂ |",
+        "| --- | ---: | ---: | --- | ---: | ---: | --- |",
+    ]
+    for r in summary["stress"]:
+        twin = r["clipped_twin"]
+        twin_text = "not trained" if twin is None else f"{_loss(twin['final_loss'])}, {_num(twin['max_update_norm'])}"
+        status = f"diverged at step {r['steps_done']}" if r["diverged"] else "trained"
+        lines.append(
+            f"| {VARIANTS[r['variant']].label} | {r['lr']:g} | {_loss(r['final_loss'])} | {status} | "
+            f"{_num(r['max_update_norm'])} | {r['spikes']} | {twin_text} |"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
-def _num(x: float | None) -> str:
-    return "—" if x is None else f"{x:.3g}"
-
-
-def _stable(variant: dict) -> str:
-    lr = variant["top_stable_lr"]
-    if lr is None:
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
         return "—"
-    return f"{_num(next(r['max_update_norm'] for r in variant['grid'] if r['lr'] == lr))} (lr {lr:g})"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -224,7 +379,12 @@ def _smooth(values: list[float], width: int) -> list[float]:
     return out
 
 
-def plot_all(out_dir: Path, plan: SweepPlan, done: dict[str, dict], summary: dict) -> None:
+def _legend(ax, **kwargs) -> None:
+    if ax.get_legend_handles_labels()[0]:  # an empty legend only warns
+        ax.legend(**kwargs)
+
+
+def plot_all(out_dir: Path, plan: StudyPlan, done: dict[str, dict], summary: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,89 +392,144 @@ def plot_all(out_dir: Path, plan: SweepPlan, done: dict[str, dict], summary: dic
 
     variants = summary["variants"]
     colors = {name: plt.cm.tab10(i) for i, name in enumerate(VARIANTS)}
-    unigram = summary["data"]["unigram_loss"]
-    smooth = max(1, plan.settings.max_steps // 15)
+    unigram = summary["unigram_loss"]
+    smooth = max(1, plan.settings.steps // 50)
+    rung = str(plan.settings.rung_steps)
 
-    # Loss curves at each variant's best lr (seed of the grid), and the equal-FLOPs pair against FLOPs.
-    fig, (ax, ax_flops) = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
+    def curve(record):
+        return record["curve"]["step"], _smooth(record["curve"]["loss"], smooth)
+
+    # 1. Loss curves at each variant's best lr.
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     for name, v in variants.items():
-        if v["best_seeds"]:
-            losses = done[v["best_seeds"][0]["id"]]["losses"]
-            ax.plot(
-                range(1, len(losses) + 1),
-                _smooth(losses, smooth),
-                color=colors[name],
-                label=f"{v['label']}, lr {v['best_lr']:g}",
-            )
+        for i, run in enumerate(v["seeds_at_best_lr"]):
+            record = done[run["id"]]
+            ax.plot(*curve(record), color=colors[name], lw=1, alpha=1 if i == 0 else 0.4,
+                    label=f"{v['label']}, lr {v['best_lr']:g}" if i == 0 else None)  # fmt: skip
+            evals = sorted((int(k), x) for k, x in record["evals"].items())
+            ax.plot(*zip(*evals), "o", color=colors[name], ms=4, alpha=1 if i == 0 else 0.4)
     ax.axhline(unigram, color="gray", ls=":", label="unigram baseline")
-    ax.set(
-        xlabel="step",
-        ylabel="training loss (nats/token)",
-        title=f"best lr per variant (moving average over {smooth} steps)",
-    )
-    ax.set_ylim(top=min(ax.get_ylim()[1], unigram + 2))
-    ax.legend(fontsize=7)
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=f"best lr per variant: training loss ({smooth}-step mean), "
+           "validation loss (dots); faint: other seeds")  # fmt: skip
+    ax.set_ylim(top=unigram + 1)
+    _legend(ax, fontsize=7)
     ax.grid(alpha=0.3)
-    for run in summary["equal_flops"]:
-        record = done[run["id"]]
-        per_step = plan.tokens_per_step * record["flops_per_token"]
-        losses = record["losses"]
-        ax_flops.plot(
-            [per_step * (i + 1) for i in range(len(losses))],
-            _smooth(losses, smooth),
-            color=colors[run["variant"]],
-            label=f"{variants[run['variant']]['label']} ({record['tokens']:,} tokens)",
-        )
-    ax_flops.axhline(unigram, color="gray", ls=":")
-    ax_flops.set(xlabel="training FLOPs", ylabel="training loss", title="equal training FLOPs")
-    ax_flops.set_ylim(top=min(ax_flops.get_ylim()[1], unigram + 2))
-    if summary["equal_flops"]:
-        ax_flops.legend(fontsize=7)
-    ax_flops.grid(alpha=0.3)
     fig.savefig(out_dir / "loss_curves.png", dpi=110)
     plt.close(fig)
 
-    # Final loss vs lr, in two panels since the two families' lrs have different units.
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
-    cap = max((r["initial_loss"] for r in done.values() if math.isfinite(r["initial_loss"])), default=unigram + 3)
+    # 2. Final loss vs lr, one panel per lr unit.
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
+    cap = unigram + 1
     for name, v in variants.items():
         ax = axes[0] if VARIANTS[name].optimizer in ADAMW_FAMILY else axes[1]
-        lrs = [r["lr"] for r in v["grid"]]
-        shown = [min(r["final_loss"], cap) if math.isfinite(r["final_loss"]) else cap for r in v["grid"]]
-        ax.plot(lrs, shown, "-o", color=colors[name], label=v["label"], ms=4)
-        bad = [(lr, y) for lr, y, r in zip(lrs, shown, v["grid"]) if r["diverged"]]
+        full = [(r["lr"], r["final_loss"]) for r in v["grid"] if r["trained_to_end"] and not r["diverged"]]
+        if full:
+            ax.plot(*zip(*full), "-o", color=colors[name], label=v["label"], ms=5)
+        pruned = [(r["lr"], r["evals"][rung]) for r in v["grid"] if not r["trained_to_end"] and rung in r["evals"]]
+        if pruned:
+            ax.plot(*zip(*pruned), "o", mfc="none", color=colors[name], ms=6)
+        bad = [r["lr"] for r in v["grid"] if r["diverged"]]
         if bad:
-            ax.plot(*zip(*bad), "x", color=colors[name], ms=12, mew=2.5)
-        for run in v["best_seeds"][1:]:
+            ax.plot(bad, [cap] * len(bad), "x", color=colors[name], ms=11, mew=2.5)
+        for run in v["seeds_at_best_lr"][1:] + v["seeds_at_largest_stable_lr"][1:]:
             ax.plot([run["lr"]], [min(run["final_loss"], cap)], "s", color=colors[name], ms=4, alpha=0.6)
     for ax, unit in zip(axes, ("AdamW lr (per-entry step)", "lr = spectral-norm bound of ‖ΔW‖₂ per step")):
         ax.axhline(unigram, color="gray", ls=":", label="unigram baseline")
-        ax.set(xscale="log", xlabel=unit, ylabel="final validation loss (capped at the initial loss)")
-        ax.legend(fontsize=7)
+        ax.set(xscale="log", xlabel=unit, ylabel="validation loss at the end of training")
+        ax.set_ylim(top=cap + 0.1)
+        _legend(ax, fontsize=7)
         ax.grid(alpha=0.3)
-    axes[0].set_title("AdamW: dense vs naive low-rank (✗ = diverged, ■ = other seeds)")
-    axes[1].set_title("Spectron family (✗ = diverged, ■ = other seeds)")
+    note = "● final, ○ rung loss of runs pruned at the rung, ✗ diverged (drawn at unigram+1), ■ other seeds"
+    axes[0].set_title(f"AdamW: dense vs naive low-rank\n{note}", fontsize=9)
+    axes[1].set_title(f"Spectron family\n{note}", fontsize=9)
     fig.savefig(out_dir / "loss_vs_lr.png", dpi=110)
     plt.close(fig)
 
-    # ‖ΔW‖₂ over training at the best lr and at the top of each grid.
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5), constrained_layout=True, sharey=True)
-    for name, v in variants.items():
-        best = v["best_seeds"][0] if v["best_seeds"] else None
-        stable = next((r for r in v["grid"] if r["lr"] == v["top_stable_lr"]), None)
-        top = next((r for r in v["grid"] if r["lr"] == max(v["lr_grid"])), None)
-        for ax, run in zip(axes, (best, stable, top)):
-            if run is None:
+    # 3. The mechanism: factor norms, ‖W‖₂ and ‖ΔW‖₂ over training, at the best and the largest stable lr.
+    fig, axes = plt.subplots(2, 3, figsize=(18, 9), constrained_layout=True)
+    for row, key in enumerate(("seeds_at_best_lr", "seeds_at_largest_stable_lr")):
+        for name, v in variants.items():
+            if not v[key]:
                 continue
-            points = [(s, u) for s, u in done[run["id"]]["update_norms"] if math.isfinite(u) and u > 0]
-            if points:
-                ax.plot(*zip(*points), color=colors[name], label=f"{v['label']}, lr {run['lr']:g}", lw=1)
-    axes[0].set_title("max ‖ΔW‖₂ per step, best lr")
-    axes[1].set_title("max ‖ΔW‖₂ per step, largest lr that did not diverge")
-    axes[2].set_title("max ‖ΔW‖₂ per step, largest lr of each grid (diverged runs stop early)")
-    for ax in axes:
-        ax.set(yscale="log", xlabel="step", ylabel="max over projections of ‖ΔW‖₂")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3, which="both")
-    fig.savefig(out_dir / "update_norm.png", dpi=110)
+            record = done[v[key][0]["id"]]
+            d, c = record["diagnostics"], colors[name]
+            label = f"{v['label']}, lr {record['lr']:g}"
+            if d.get("sigma_up_max") and d["sigma_up_max"][0] is not None:
+                axes[row, 0].plot(d["step"], d["sigma_up_max"], color=c, label=f"{label}: up")
+                axes[row, 0].plot(d["step"], d["sigma_down_max"], color=c, ls="--", label=f"{label}: down")
+            axes[row, 1].plot(d["step"], d["weight_norm_max"], color=c, label=f"{label}: max")
+            axes[row, 1].plot(d["step"], d["weight_norm_mean"], color=c, ls=":", label=f"{label}: mean")
+            axes[row, 2].plot(d["step"], d["update_norm_max"], color=c, lw=1, label=f"{label}: max")
+            axes[row, 2].plot(d["step"], d["update_norm_mean"], color=c, lw=1, ls=":", label=f"{label}: mean")
+        which = "best lr" if row == 0 else "largest stable lr"
+        axes[row, 0].set_title(f"largest σ(up) (solid), σ(down) (dashed) over layers, {which}")
+        axes[row, 1].set_title(f"‖W‖₂ of the product, max (solid) and mean (dotted) over layers, {which}")
+        axes[row, 2].set_title(f"‖ΔW‖₂ per step, max (solid) and mean (dotted) over layers, {which}")
+        for ax in axes[row]:
+            ax.set(yscale="log", xlabel="step")
+            ax.grid(alpha=0.3, which="both")
+            _legend(ax, fontsize=6)
+    fig.savefig(out_dir / "norms.png", dpi=100)
+    plt.close(fig)
+
+    # 4. Stress: without gradient clipping, against the clipped twin.
+    if summary["stress"]:
+        fig, (ax_loss, ax_update) = plt.subplots(1, 2, figsize=(14, 4.8), constrained_layout=True)
+        styles = ["-", "--"]
+        for r in summary["stress"]:
+            by_variant = [x for x in summary["stress"] if x["variant"] == r["variant"]]
+            ls = styles[by_variant.index(r) % 2]
+            for record, alpha, tag in (
+                (done[r["id"]], 1.0, "no clip"),
+                (done.get(r["clipped_twin"]["id"]) if r["clipped_twin"] else None, 0.35, "clip 1.0"),
+            ):
+                if record is None:
+                    continue
+                label = f"{VARIANTS[r['variant']].label}, lr {r['lr']:g}, {tag}"
+                ax_loss.plot(*curve(record), color=colors[r["variant"]], ls=ls, alpha=alpha, lw=1, label=label)
+                d = record["diagnostics"]
+                ax_update.plot(d["step"], d["update_norm_max"], color=colors[r["variant"]], ls=ls, alpha=alpha, lw=1)
+        ax_loss.axhline(unigram, color="gray", ls=":")
+        ax_loss.set(
+            xlabel="step", ylabel="training loss", title="stress runs: no gradient clipping (faint: clipped twin)"
+        )
+        ax_loss.set_ylim(top=unigram + 1)
+        _legend(ax_loss, fontsize=7)
+        ax_update.set(xlabel="step", yscale="log", title="max ‖ΔW‖₂ per step")
+        for ax in (ax_loss, ax_update):
+            ax.grid(alpha=0.3)
+        fig.savefig(out_dir / "stress.png", dpi=110)
+        plt.close(fig)
+
+    # 5. Rank ablation, 6. equal training FLOPs.
+    fig, (ax_rank, ax_flops) = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
+    for ratio, losses in summary["rank_ablation"].items():
+        ax_rank.plot([float(ratio)] * len(losses), losses, "o", color=colors[RANK_VARIANT])
+    means = [(float(k), statistics.fmean(v)) for k, v in summary["rank_ablation"].items() if v]
+    if means:
+        ax_rank.plot(*zip(*means), "-", color=colors[RANK_VARIANT], label="Spectron (seeds as dots)")
+    if summary["rank_ablation_dense_reference"]:
+        ax_rank.axhline(statistics.fmean(summary["rank_ablation_dense_reference"]), color=colors["dense_adamw"],
+                        ls="--", label="dense + AdamW")  # fmt: skip
+    ax_rank.set(xlabel="rank ratio", ylabel="final validation loss", title="rank ablation (same steps and tokens)")
+    _legend(ax_rank, fontsize=8)
+    for name, e in summary["equal_flops"].items():
+        record = next(
+            r for r in done.values()
+            if r["variant"] == name and r["lr"] == e["lr"] and r["steps"] == e["steps"] and r["clip"]
+            and r["rank_ratio"] is None
+        )  # fmt: skip
+        per_step = plan.settings.tokens_per_step * record["flops_per_token"]
+        steps, losses = curve(record)
+        label = f"{VARIANTS[name].label}, {e['tokens']:,} tokens: {_seeds(e['final_loss'])}"
+        ax_flops.plot([per_step * step for step in steps], losses, color=colors[name], label=label)
+    ax_flops.axhline(unigram, color="gray", ls=":")
+    ax_flops.set(
+        xlabel="training FLOPs", ylabel="training loss", title="equal training FLOPs (final validation loss in legend)"
+    )
+    ax_flops.set_ylim(top=unigram + 1)
+    _legend(ax_flops, fontsize=7)
+    for ax in (ax_rank, ax_flops):
+        ax.grid(alpha=0.3)
+    fig.savefig(out_dir / "rank_and_flops.png", dpi=110)
     plt.close(fig)
