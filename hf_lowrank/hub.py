@@ -9,6 +9,7 @@ leaves the branch as it was.
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -27,6 +28,7 @@ from .cards import (
     plot_files,
     render_model_card,
 )
+from .modeling_lowrank import AUTO_CLASSES
 from .presets import count_parameters
 
 PACKAGE_DIR = Path(__file__).parent
@@ -35,9 +37,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What `save_pretrained` writes once the classes are registered for the Auto classes (see hf_lowrank/__init__.py).
 AUTO_MAP = {
     "AutoConfig": "configuration_lowrank.LowRankLlamaConfig",
-    "AutoModel": "modeling_lowrank.LowRankLlamaModel",
-    "AutoModelForCausalLM": "modeling_lowrank.LowRankLlamaForCausalLM",
+    **{auto: f"modeling_lowrank.{name}" for auto, name in AUTO_CLASSES.items()},
 }
+# A git branch or tag name as the Hub accepts it, or a commit sha: it is pasted into the card's usage snippets.
+_REVISION = re.compile(r"(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])")
+_LICENSE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,63}")
 # HfHubHTTPError derives from the HTTP client's base error (and OSError); catching its bases also catches
 # connection errors and unreadable files, which fail the upload the same way.
 _UPLOAD_ERRORS = (HfHubHTTPError, *HfHubHTTPError.__bases__)
@@ -51,6 +55,51 @@ def _check_repo_id(repo_id: str) -> None:
     validate_repo_id(repo_id)  # raises HFValidationError, a ValueError
     if repo_id.count("/") != 1:
         raise ValueError(f"repo_id must be 'ORG/NAME' (a user or organization, then the model name), got {repo_id!r}.")
+
+
+def check_revision(revision: str | None) -> None:
+    """A branch name or commit sha that is safe to create, commit to and paste into the card's code (R27)."""
+    if revision is not None and not _REVISION.fullmatch(revision):
+        raise ValueError(
+            f"--revision {revision!r} is not a valid branch name or commit sha: use letters, digits, '.', '_', '-' "
+            "and '/' (no spaces, quotes or '..', not starting with '-' or ending with '/' or '.')."
+        )
+
+
+def check_auto_map(config_dict: dict, config_path: Path) -> None:
+    """Refuse an ``auto_map`` that would make remote-code users run anything but the uploaded model code (R27):
+    entries must name a class of ``configuration_lowrank``/``modeling_lowrank``, never another repository's code
+    (``org/repo--module.Class``)."""
+    modules = {name.removesuffix(".py") for name in CODE_FILES}
+    for auto_class, reference in (config_dict.get("auto_map") or {}).items():
+        references = reference if isinstance(reference, (list, tuple)) else [reference]
+        for ref in references:
+            if ref is None:
+                continue
+            module, _, class_name = str(ref).rpartition(".")
+            if "--" in str(ref) or module not in modules or not class_name.isidentifier():
+                raise ValueError(
+                    f"{config_path}: auto_map[{auto_class!r}] = {ref!r} does not point at this model's own code "
+                    f"({' or '.join(sorted(modules))}); a published config must never load code from elsewhere. "
+                    "Save the model again with `save_pretrained` (with hf_lowrank imported) to rewrite it."
+                )
+
+
+def _regular_files(model_dir: Path) -> list[Path]:
+    """The top-level files of ``model_dir``; a symlink is refused unless it resolves inside the folder (R27)."""
+    root = model_dir.resolve()
+    files = []
+    for path in sorted(model_dir.iterdir()):
+        if path.is_symlink():
+            target = path.resolve()
+            if not target.is_relative_to(root):
+                raise ValueError(
+                    f"{path} is a symbolic link to {target}, outside {model_dir}: a push uploads only files inside "
+                    "the model folder. Replace the link with a copy of the file, or remove it."
+                )
+        if path.is_file():
+            files.append(path)
+    return files
 
 
 def collect_upload(
@@ -68,7 +117,10 @@ def collect_upload(
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"Model folder {model_dir} does not exist; pass the folder written by `save_pretrained`.")
-    top_level = sorted(p for p in model_dir.iterdir() if p.is_file())
+    if not _LICENSE.fullmatch(license or ""):
+        raise ValueError(f"--license {license!r} is not a Hub license id (e.g. apache-2.0, mit, other).")
+    check_revision(revision)
+    top_level = _regular_files(model_dir)
     weights = [p for p in top_level if p.name.endswith((".safetensors", ".safetensors.index.json"))]
     pickled = [p.name for p in top_level if p.suffix in PICKLE_SUFFIXES]
     if not any(p.suffix == ".safetensors" for p in weights):
@@ -85,6 +137,7 @@ def collect_upload(
     load_lowrank_config(model_dir)  # refuses a folder without a hf-lowrank config.json
     files: dict[str, Path | bytes] = {p.name: p for p in weights}
     config_dict = json.loads((model_dir / "config.json").read_text())
+    check_auto_map(config_dict, model_dir / "config.json")
     if config_dict.get("auto_map"):
         files["config.json"] = model_dir / "config.json"
     else:  # without auto_map, `trust_remote_code=True` cannot find the model code (R8)
@@ -164,6 +217,7 @@ def push_to_hub(
         PushError: the Hub refused or failed the upload; the branch holds what it held before.
     """
     _check_repo_id(repo_id)
+    check_revision(revision)
     files = collect_upload(model_dir, repo_id, revision, license=license, **card_data)
     if dry_run_dir is not None:
         return write_folder(files, dry_run_dir)

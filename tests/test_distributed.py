@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -293,3 +294,18 @@ def test_measured_traffic_matches_the_analytic_count(parity):
     assert steady["all_reduce_bytes"] == expected.sharded_bytes
     assert run["factor_bytes"] == expected.gather_bytes
     assert parity["default"]["traffic"][2]["all_reduce_bytes"] == expected.sharded_bytes
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_cpu_job_within_ddp_timeout(tmp_path):
+    """R25: `--ddp_timeout` holds on gloo too (Transformers applies it only on its GPU branch)."""
+    script = Path(__file__).parent / "dist_scripts" / "hung_rank.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               str(tmp_path), "5"]  # fmt: skip
+    started = time.time()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env())
+    elapsed = time.time() - started
+    assert result.returncode != 0
+    assert "rank 0 gave up after" in result.stdout, result.stdout + result.stderr
+    gave_up = float(result.stdout.split("gave up after ")[1].split(" s")[0])
+    assert 4 <= gave_up < 30 and elapsed < 120

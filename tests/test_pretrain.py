@@ -186,8 +186,13 @@ def test_bf16_autocast_on_cpu(tmp_path, tiny_data):
 
 def test_spike_counter_reaches_log_history(tmp_path, tiny_data):
     detector = LossSpikeDetector(window=3, threshold=3.0, min_increase=0.5, warmup=3)
-    trainer = make_trainer(tmp_path, tiny_data, callbacks=[SpectralDiagnosticsCallback(every=2, spike_detector=detector)],
-                           max_steps=8, logging_steps=2)
+    trainer = make_trainer(
+        tmp_path,
+        tiny_data,
+        callbacks=[SpectralDiagnosticsCallback(every=2, spike_detector=detector)],
+        max_steps=8,
+        logging_steps=2,
+    )
     calls = []
 
     def plant_spike(module, args, output):  # the 6th step's loss is 5x: a spike, whatever the curve does

@@ -6,6 +6,7 @@ only, so it works where ``datasets`` is not installed.
 
 import os
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ def check_launch(training_args) -> None:
         return
     cuda = torch.cuda.is_available()
     use_cpu = bool(training_args.use_cpu) or _env_flag("ACCELERATE_USE_CPU")
+    if use_cpu:
+        set_cpu_process_group_timeout(training_args)
     if not cuda and not use_cpu:
         raise ValueError(
             f"{launched} processes were launched (WORLD_SIZE={launched}) on a machine without CUDA, but use_cpu is "
@@ -59,6 +62,20 @@ def check_launch(training_args) -> None:
             "loop (docs/distributed.md).",
             stacklevel=2,
         )
+
+
+def set_cpu_process_group_timeout(training_args) -> None:
+    """Give the gloo process group of a CPU launch ``--ddp_timeout`` (R25).
+
+    Transformers passes ``ddp_timeout`` to the process group only on its GPU branch; with ``use_cpu`` the group
+    gets torch's default of 30 minutes, so one hung rank blocks the others that long. ``TrainingArguments``
+    creates the group as soon as it is constructed (it reads ``self.device``), and the Trainer reuses it: the
+    timeout is set on that group.
+    """
+    if not dist.is_initialized():  # not launched through TrainingArguments: nothing to configure
+        return
+    # torch has no public setter; this private one exists since torch 2.3 (the package needs >= 2.6).
+    dist.distributed_c10d._set_pg_timeout(timedelta(seconds=training_args.ddp_timeout), dist.group.WORLD)
 
 
 # ------------------------------------------------------------------------------------------------ FSDP2
