@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Thin entry point: `python scripts/bench.py [--out docs/results/bench/bench_cpu.json]` (see docs/benchmarks.md).
+"""Thin entry point: `python scripts/bench.py [--out docs/results/bench/bench_cpu.json]` (see docs/benchmarks.md);
+`python scripts/bench.py --traffic-report` prints Spectron's FSDP2 bytes per step (docs/distributed.md).
 
 OMP_WAIT_POLICY must be set before torch loads its OpenMP runtime: spin-waiting threads on a shared CPU distort
 the comparison (hf_lowrank/bench/__init__.py).

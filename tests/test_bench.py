@@ -11,6 +11,7 @@ from hf_lowrank.bench.flops import forward_flops_per_token, projection_flops, tr
 from hf_lowrank.bench.memory import measure_here
 from hf_lowrank.bench.runner import main, run_benchmark
 from hf_lowrank.bench.suite import SMOKE_SHAPES, BenchShape
+from hf_lowrank.bench.traffic import traffic_report
 
 TINY = SMOKE_SHAPES[0]
 
@@ -88,6 +89,12 @@ def test_the_script_writes_json_and_markdown(tmp_path):
     assert main(["--smoke", "--no-memory", "--no-compile", "--no-reference", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["shapes"][0]["shape"]["hidden_size"] == TINY.hidden_size
     assert "Targets" in out.with_suffix(".md").read_text()
+
+
+def test_the_script_prints_the_traffic_table_of_the_docs(capsys):
+    assert main(["--traffic-report"]) == 0
+    assert capsys.readouterr().out.strip() == traffic_report()
+    assert "| 130m | 84 |" in traffic_report()
 
 
 def test_the_gpu_check_runs_every_phase_at_toy_sizes_on_cpu(tmp_path):

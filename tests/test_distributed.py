@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from transformers.training_args import ParallelMode
 
 from hf_lowrank import LowRankLlamaForCausalLM, preset_config
-from hf_lowrank.optim.distributed import pair_traffic, spectron_traffic, traffic_report
+from hf_lowrank.bench.traffic import pair_traffic, spectron_traffic, traffic_report
 from hf_lowrank.training.distributed import check_launch, lowrank_placements
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ ACCELERATE_CPU = (
 SINGLE_PROCESS = (
     f"hf-lowrank pretrain --use_cpu {TINY} --per_device_train_batch_size 8 --max_steps 6 --output_dir runs/tiny-single"
 )
-TRAFFIC_REPORT = "python -m hf_lowrank.optim.distributed --traffic-report"
+TRAFFIC_REPORT = "python scripts/bench.py --traffic-report"
 
 
 def _env(**extra) -> dict[str, str]:

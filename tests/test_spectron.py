@@ -7,6 +7,7 @@ import torch
 
 from hf_lowrank.optim import (
     Spectron,
+    SpectronHyperparameters,
     init_power_vectors,
     init_spectron_state,
     newton_schulz,
@@ -383,3 +384,18 @@ def _bad(**kwargs):
 def test_constructor_rejects_bad_settings(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+def test_one_hyperparameter_record_gives_the_defaults_and_the_checks():
+    up, down, _ = make_pair()
+    optimizer = Spectron([(up, down)], lr=LR)
+    assert optimizer.defaults == SpectronHyperparameters(lr=LR).as_dict()
+    with pytest.raises(TypeError, match="momentun"):
+        Spectron([(up, down)], lr=LR, momentun=0.9)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        SpectronHyperparameters(lr=LR, momentum=1.0)
+    # Groups are plain dicts (schedulers write `lr` there): each step reads them back through the record.
+    up.grad, down.grad = torch.ones_like(up), torch.ones_like(down)
+    optimizer.param_groups[0]["power_iters"] = 0
+    with pytest.raises(ValueError, match="group '': power_iters must be an integer >= 1"):
+        optimizer.step()

@@ -1,4 +1,5 @@
-"""``scripts/bench.py``: run the benchmark, print its tables and verdicts, write JSON and markdown."""
+"""``scripts/bench.py``: run the benchmark, print its tables and verdicts, write JSON and markdown; or print the
+analytic FSDP2 traffic table (``--traffic-report``)."""
 
 import argparse
 import datetime
@@ -23,6 +24,7 @@ from .suite import (
     summarize_optimizer,
     summarize_training,
 )
+from .traffic import traffic_report
 
 
 def machine() -> dict:
@@ -122,7 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny shape, 2 repetitions: checks the plumbing")
     parser.add_argument("--out", type=Path, help="write JSON here and markdown beside it (.md)")
     parser.add_argument("--render", type=Path, help="only re-render the markdown of an existing JSON result")
+    parser.add_argument(
+        "--traffic-report",
+        action="store_true",
+        help="only print Spectron's FSDP2 bytes per step for the presets (the table of docs/distributed.md)",
+    )
     args = parser.parse_args(argv)
+    if args.traffic_report:
+        print(traffic_report())
+        return 0
     if args.render:
         table = markdown(json.loads(args.render.read_text()))
         args.render.with_suffix(".md").write_text(table)

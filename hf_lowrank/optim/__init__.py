@@ -1,26 +1,21 @@
-"""Optimizers for factorized models: Spectron (pure functions + a thin optimizer), parameter routing, and
-Spectron's sharded (FSDP2) step with its traffic accounting."""
+"""Optimizers for factorized models, in layers that import only downward:
 
-from .distributed import (
-    CommTraffic,
-    TrafficEstimate,
-    count_traffic,
-    init_optimizer_state,
-    spectron_traffic,
-)
-from .routing import (
-    DEFAULT_ADAMW_LR,
-    OPTIMIZER_NAMES,
-    assert_partition,
-    build_optimizer,
-    lowrank_pairs,
-    routing_table,
-)
-from .spectron import (
+- ``functional``: Spectron's maths as pure functions (Newton–Schulz, power iteration, the pair update, AdamW,
+  rebalancing), and ``hyperparameters``: every hyperparameter once, with its units and validation;
+- ``batched``: the fast path, all pairs of one rank at once; ``sharded``: the pair on FSDP2 local shards;
+- ``spectron``: the thin ``torch.optim.Optimizer`` and the one group-step driver of local and sharded pairs;
+- ``routing``: which parameter of a model goes to which group.
+
+Reference, batched and sharded paths are tied by parity tests. Spectron's communication cost model and counter are
+benchmarks: ``hf_lowrank.bench.traffic``.
+"""
+
+from .functional import (
     NS_COEFFICIENTS,
-    Spectron,
+    PairView,
     adamw_update,
     gram,
+    init_adamw_state,
     init_power_vectors,
     init_spectron_state,
     newton_schulz,
@@ -30,19 +25,30 @@ from .spectron import (
     spectral_normalize,
     spectron_pair_update,
 )
+from .hyperparameters import AdamWHyperparameters, SpectronHyperparameters
+from .routing import (
+    DEFAULT_ADAMW_LR,
+    OPTIMIZER_NAMES,
+    assert_partition,
+    build_optimizer,
+    lowrank_pairs,
+    routing_table,
+)
+from .spectron import Spectron, init_optimizer_state
 
 __all__ = [
-    "CommTraffic",
+    "AdamWHyperparameters",
     "DEFAULT_ADAMW_LR",
     "NS_COEFFICIENTS",
     "OPTIMIZER_NAMES",
+    "PairView",
     "Spectron",
-    "TrafficEstimate",
+    "SpectronHyperparameters",
     "adamw_update",
     "assert_partition",
     "build_optimizer",
-    "count_traffic",
     "gram",
+    "init_adamw_state",
     "init_optimizer_state",
     "init_power_vectors",
     "init_spectron_state",
@@ -54,5 +60,4 @@ __all__ = [
     "spectral_norm",
     "spectral_normalize",
     "spectron_pair_update",
-    "spectron_traffic",
 ]

@@ -1,4 +1,4 @@
-"""The fast path of Spectron: the step of :func:`~hf_lowrank.optim.spectron.spectron_pair_update`, run on all
+"""The fast path of Spectron: the step of :func:`~hf_lowrank.optim.functional.spectron_pair_update`, run on all
 factor pairs of a model at once. ``tests/test_spectron_fast.py`` ties the two together.
 
 The reference steps one pair at a time and runs Newton–Schulz on the tall (long × r) momentum, five rounds of
@@ -25,7 +25,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from .spectron import NS_COEFFICIENTS, power_iteration
+from .functional import NS_COEFFICIENTS, is_wide, power_iteration, tall_view
 
 # Newton–Schulz rounds done in Gram form before the iterate is formed explicitly and its Gram recomputed. Over five
 # rounds in Gram form P grows to ~a⁵ ≈ 490 in the directions of small singular values and float32 rounding of P
@@ -40,14 +40,9 @@ GRAM_RESTART_AFTER = 3
 CHUNK_ELEMENTS = 2**23
 
 
-def _is_wide(m: Tensor) -> bool:
-    """Whether the reference's tall view of ``m`` is ``m.mT`` (the same rule as ``spectron._tall``)."""
-    return m.shape[0] < m.shape[1]
-
-
 def _gram(m: Tensor, out: Tensor) -> Tensor:
     """``XᵀX`` (r, r) of the tall view X of ``m``, written into ``out``."""
-    return torch.mm(m, m.mT, out=out) if _is_wide(m) else torch.mm(m.mT, m, out=out)
+    return torch.mm(m, m.mT, out=out) if is_wide(m) else torch.mm(m.mT, m, out=out)
 
 
 def gram_polynomials(grams: Tensor, steps: int = 5) -> Tensor:
@@ -80,7 +75,7 @@ def _grams(matrices: list[Tensor]) -> Tensor:
 
 def _times(m: Tensor, p: Tensor) -> Tensor:
     """``X P`` for the tall view ``X`` of ``m``, in ``m``'s orientation."""
-    return p.mT @ m if _is_wide(m) else m @ p
+    return p.mT @ m if is_wide(m) else m @ p
 
 
 def newton_schulz_factors(momenta: list[Tensor], steps: int = 5, eps: float = 1e-7) -> tuple[list[Tensor], Tensor]:
@@ -106,7 +101,7 @@ def newton_schulz_factors(momenta: list[Tensor], steps: int = 5, eps: float = 1e
 
 
 def newton_schulz_many(momenta: list[Tensor], steps: int = 5, eps: float = 1e-7) -> list[Tensor]:
-    """:func:`~hf_lowrank.optim.spectron.newton_schulz` of each float32 matrix of ``momenta`` (all of one rank, any
+    """:func:`~hf_lowrank.optim.functional.newton_schulz` of each float32 matrix of ``momenta`` (all of one rank, any
     orientation), in Gram form and batched. Equal to the reference up to float32 rounding."""
     bases, polynomials = newton_schulz_factors(momenta, steps, eps)
     return [_times(m, p) for m, p in zip(bases, polynomials.unbind(0))]
@@ -165,8 +160,7 @@ def spectron_update_batched(
 
     # σ of each (decayed) factor; matrix-vector products on the factor itself, so batching would only add copies.
     for param, state in zip(params, states):
-        tall = param.mT if _is_wide(param) else param
-        sigma, u, v = power_iteration(tall, state["u"], state["v"], power_iters, eps)
+        sigma, u, v = power_iteration(tall_view(param), state["u"], state["v"], power_iters, eps)
         state["u"].copy_(u)
         state["v"].copy_(v)
         state["sigma"].copy_(sigma)
@@ -193,7 +187,7 @@ def spectron_update_batched(
         for i, base, polynomial in zip(members, bases, polynomials.unbind(0)):
             param = params[i]
             if param.dtype == torch.float32:
-                param.addmm_(polynomial.mT, base) if _is_wide(base) else param.addmm_(base, polynomial)
+                param.addmm_(polynomial.mT, base) if is_wide(base) else param.addmm_(base, polynomial)
             else:  # the step is formed in float32 and rounded once, as the reference does
                 param.add_(_times(base, polynomial).to(param.dtype))
     return rho

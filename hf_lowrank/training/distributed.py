@@ -15,8 +15,7 @@ from torch import nn
 from transformers.training_args import ParallelMode
 
 from ..modeling_lowrank import LowRankLinear, LowRankLlamaDecoderLayer
-from ..optim.distributed import init_optimizer_state
-from ..optim.spectron import Spectron
+from ..optim import Spectron, init_optimizer_state
 
 
 def _env_flag(name: str) -> bool:

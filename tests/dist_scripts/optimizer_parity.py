@@ -20,8 +20,8 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from hf_lowrank import LowRankLlamaForCausalLM, build_optimizer, lowrank_pairs, preset_config
+from hf_lowrank.bench.traffic import count_traffic
 from hf_lowrank.modeling_lowrank import LowRankLlamaDecoderLayer
-from hf_lowrank.optim.distributed import count_traffic
 from hf_lowrank.training.distributed import load_sharded_checkpoint, save_sharded_checkpoint, shard_lowrank_model
 
 STEPS, RESUME_AFTER = 4, 2
