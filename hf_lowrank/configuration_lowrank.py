@@ -6,6 +6,7 @@ This file is copied to the Hub next to the weights: it imports only ``transforme
 import math
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 # The seven LLaMA projections, in Llama's names. Any subset of them can be factorized.
@@ -218,6 +219,9 @@ class LowRankLlamaConfig(PretrainedConfig):
         unsupported = sorted({"mrope_section", "mrope_interleaved"} & set(rope))
         if unsupported:
             raise ValueError(f"`rope_parameters` {unsupported} (multimodal RoPE) is not supported by this model.")
+        theta = rope.get("rope_theta")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not (math.isfinite(theta) and theta > 0):
+            raise ValueError(f"`rope_theta` must be a finite number > 0 (the RoPE base, e.g. 10000.0), got {theta!r}.")
         partial = rope.get("partial_rotary_factor", 1.0)
         if not (isinstance(partial, (int, float)) and 0.0 < partial <= 1.0) or int(self.head_dim * partial) < 2:
             raise ValueError(
@@ -234,10 +238,23 @@ class LowRankLlamaConfig(PretrainedConfig):
             "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads,
+            "max_position_embeddings": self.max_position_embeddings,
         }
         for name, value in positive.items():
-            if not isinstance(value, int) or value <= 0:
+            # bool is an int subclass: `num_hidden_layers=true` must not mean one layer.
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"Unknown `hidden_act` {self.hidden_act!r}; choose one of {sorted(ACT2FN)} (Llama: 'silu')."
+            )
+        for name, low in (("rms_norm_eps", "> 0"), ("initializer_range", ">= 0"), ("attention_dropout", ">= 0")):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value < 0 or (low == "> 0" and value == 0):
+                raise ValueError(f"`{name}` must be a finite number {low}, got {value!r}.")
+        if self.attention_dropout >= 1:
+            raise ValueError(f"`attention_dropout` must be < 1 (a probability), got {self.attention_dropout}.")
         if self.head_dim is None or self.head_dim <= 0 or self.head_dim % 2:
             raise ValueError(f"`head_dim` must be a positive even integer (RoPE rotates pairs), got {self.head_dim}.")
         if self.num_attention_heads % self.num_key_value_heads:

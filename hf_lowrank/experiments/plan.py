@@ -99,7 +99,7 @@ class StudySettings:
     seeds: int = 2  # seeds at each variant's best and largest non-diverged lr
     lr_grids: dict = field(default_factory=lambda: dict(DEFAULT_LR_GRIDS))
     promote_top: int = 3
-    promote_margin: float = 0.2  # nats above the best rung loss
+    promote_margin: float = 0.1  # nats above the best rung loss
     max_extensions: int = 3
     stress_factor: float = 3.0
     rank_ratios: tuple = (0.125, 0.4)  # besides the default 0.25, which the main grid trains

@@ -4,11 +4,116 @@ Every `TrainingArguments` flag works as in transformers' `run_clm.py`; these add
 the diagnostics. Defaults are sized for the built-in corpus on a CPU (the default main job).
 """
 
+import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 from transformers import TrainingArguments
 
 from ..optim import OPTIMIZER_NAMES
+
+# 8 MB of the standard library (about 2/3 of CPython 3.11's 12 MB of non-test source, ~2.5M tokens at vocab
+# 4096): enough text for the CPU-sized presets, small enough that tokenizer training plus packing takes seconds.
+DEFAULT_MAX_CORPUS_BYTES = 8_000_000
+
+
+@dataclass
+class DataArguments:
+    """Which text to train on and how to turn it into blocks (rendered as CLI flags by `HfArgumentParser`)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Name of a dataset on the Hugging Face Hub (needs a network), e.g. 'allenai/c4'."},
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration of --dataset_name, e.g. 'en'."}
+    )
+    train_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Local training files or globs: .txt (one document per file, see --text_sample_by) or "
+            ".json/.jsonl (one document per record). Without --dataset_name and --train_files the Python "
+            "standard library source is used."
+        },
+    )
+    validation_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "Local validation files or globs, same format as --train_files."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in JSON/Hub datasets."})
+    text_sample_by: Literal["document", "paragraph", "line"] = field(
+        default="document",
+        metadata={
+            "help": "What one document is in a .txt file: the whole file, each paragraph, or each line. An eos "
+            "token ends every document."
+        },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "Stream the data instead of tokenizing it all up front (for corpora larger than disk)."},
+    )
+    validation_split_percentage: int = field(
+        default=5,
+        metadata={
+            "help": "Percentage of training documents held out for validation when the data has no validation "
+            "split; 0 means no validation."
+        },
+    )
+    block_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per training sequence; defaults to the model's max_position_embeddings."},
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "Pretrained tokenizer name or path; by default a byte-level BPE is trained on the data."},
+    )
+    tokenizer_vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Vocabulary size of the trained tokenizer (when --tokenizer_name is unset); default: the "
+            "model's vocab_size (4096 without a model config)."
+        },
+    )
+    tokenizer_train_bytes: int | None = field(
+        default=100_000_000,
+        metadata={"help": "At most this many bytes of training text are used to train the tokenizer; 0 = all."},
+    )
+    max_corpus_bytes: int | None = field(
+        default=DEFAULT_MAX_CORPUS_BYTES,
+        metadata={
+            "help": "Bytes of the built-in standard-library corpus to use (train + validation); 0 = all of it "
+            "(about 12 MB on CPython 3.11). The default keeps a CPU run's data preparation to seconds."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenization and packing; unset = in this process."}
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Recompute the cached tokenized datasets and retrain the tokenizer."}
+    )
+
+    def __post_init__(self):
+        if self.dataset_name is not None and self.train_files:
+            raise ValueError("Give either `dataset_name` or `train_files`, not both.")
+        if self.validation_files and not self.train_files:
+            raise ValueError("`validation_files` needs `train_files` (the training data in the same format).")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError(
+                f"`validation_split_percentage` must be in [0, 100), got {self.validation_split_percentage}."
+            )
+        if self.block_size is not None and self.block_size < 2:
+            raise ValueError(
+                f"`block_size` must be at least 2 (a block of one token has nothing to predict), got {self.block_size}."
+            )
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers <= 0:
+            raise ValueError(
+                f"`preprocessing_num_workers` must be a positive integer or unset, got {self.preprocessing_num_workers}."
+            )
+        if self.text_sample_by not in ("document", "paragraph", "line"):
+            raise ValueError(
+                f"`text_sample_by` must be 'document', 'paragraph' or 'line', got {self.text_sample_by!r}."
+            )
+
 
 # Spectron's lr is a spectral-norm bound on each step's weight update (‖ΔW‖₂ ≤ lr), AdamW's a per-entry step:
 # they live on different scales, so `--learning_rate` defaults per optimizer when it is not given.
@@ -53,6 +158,10 @@ class OptimizerArguments:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZER_NAMES:
             raise ValueError(f"--optimizer must be one of {list(OPTIMIZER_NAMES)}, got {self.optimizer!r}.")
+        if self.adamw_learning_rate is not None:
+            check_number("adamw_learning_rate", self.adamw_learning_rate, positive=True)
+        check_number("adamw_weight_decay", self.adamw_weight_decay)
+        check_number("spectron_momentum", self.spectron_momentum)
 
     def spectron_options(self) -> dict:
         if self.optimizer == "adamw":
@@ -105,13 +214,28 @@ class RunArguments:
             "the final evaluation always uses the whole validation split."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into an existing non-empty --output_dir that is not a run of this package (its files may "
+            "be overwritten); without it such a folder is refused."
+        },
+    )
 
     def __post_init__(self):
         if self.spike_action not in ("log", "skip", "rollback"):
             raise ValueError(f"--spike_action must be one of log, skip, rollback; got {self.spike_action!r}.")
-        for name in ("max_rollbacks", "max_consecutive_nonfinite", "sample_tokens", "divergence_patience"):
+        for name in ("max_rollbacks", "max_consecutive_nonfinite", "divergence_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        # NaN compares false with everything: a NaN threshold would silently turn spike detection off.
+        check_number("spike_threshold", self.spike_threshold, positive=True)
+        check_number("spike_min_increase", self.spike_min_increase)
+        # Checked now rather than when the sample is generated, after the whole run.
+        if self.sample_tokens < 1:
+            raise ValueError(f"--sample_tokens must be >= 1 (the sample printed at the end), got {self.sample_tokens}.")
+        if not self.sample_prompt:
+            raise ValueError("--sample_prompt is empty: generation needs at least one prompt token; give some text.")
         if self.eval_max_batches is not None and self.eval_max_batches < 1:
             raise ValueError(f"--eval_max_batches must be >= 1 (or unset for all), got {self.eval_max_batches}.")
 
@@ -154,7 +278,20 @@ class PretrainingArguments(TrainingArguments):
             raise ValueError(
                 f"--eval_steps must be > 0 with --eval_strategy steps (got {self.eval_steps}); use --eval_strategy no."
             )
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps must be >= 1, or -1 to train for --num_train_epochs; got {self.max_steps}.")
+        if self.learning_rate is not None:
+            check_number("learning_rate", self.learning_rate, positive=True)
+        # NaN would silently turn clipping off (the Trainer clips only when max_grad_norm > 0).
+        for name in ("max_grad_norm", "weight_decay", "warmup_steps"):
+            check_number(name, getattr(self, name))
         super().__post_init__()
+
+
+def check_number(name: str, value: float, positive: bool = False) -> None:
+    """Refuse a NaN, infinite or negative (with ``positive``: also zero) value of ``--name``."""
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"--{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}.")
 
 
 def resolve_learning_rate(training_args: TrainingArguments, optimizer_args: OptimizerArguments) -> None:

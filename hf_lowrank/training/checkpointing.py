@@ -27,6 +27,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from transformers.trainer_callback import TrainerState
+
+from .guards import check_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -245,11 +248,7 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> None:
     signature = _signature(checkpoint)
     if _verified.get(str(checkpoint)) == signature:
         return
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as error:
-        raise CheckpointError(f"{manifest_path} is unreadable ({error}).") from error
+    files = _read_manifest(manifest_path)
     for name, expected in files.items():
         path = checkpoint / name
         if not path.is_file():
@@ -262,7 +261,82 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> None:
             )
         if sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{path} does not match its sha256 in {manifest_path} (corrupted or tampered with).")
+    check_state_files(checkpoint)
     _verified[str(checkpoint)] = signature
+
+
+def _read_manifest(manifest_path: Path) -> dict:
+    """The ``files`` entry of a manifest, checked: every entry a relative name with an integer size and a sha256,
+    and a weights file among them (a manifest listing nothing would vouch for nothing)."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{manifest_path} is unreadable ({error}).") from error
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest_path} is malformed: it has no 'files' object.")
+    for name, entry in files.items():
+        size = entry.get("size") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if (
+            not (isinstance(size, int) and isinstance(digest, str))
+            or Path(name).is_absolute()
+            or ".." in Path(name).parts
+        ):
+            raise CheckpointError(f"{manifest_path} is malformed: its entry for {name!r} is {entry!r}.")
+    if not any(name.endswith(".safetensors") for name in files):
+        raise CheckpointError(f"{manifest_path} lists no weights file ({sorted(files) or 'no files at all'}).")
+    return files
+
+
+def read_extra_state(path: str | os.PathLike) -> dict:
+    """The package's trainer state (`EXTRA_STATE_NAME`), checked; a malformed file is a :class:`CheckpointError`
+    naming it."""
+    try:
+        state = json.loads(Path(path).read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"it holds a {type(state).__name__}, not an object")
+        check_state_dict(state.get("guard"))
+        if not isinstance(state.get("settings", {}), dict):
+            raise ValueError("its 'settings' entry is not an object")
+        offset = state.get("data_step_offset", 0)
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise ValueError(f"its 'data_step_offset' is {offset!r}, not a non-negative integer")
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is malformed ({error}).") from error
+    return state
+
+
+def check_state_files(checkpoint: str | os.PathLike) -> None:
+    """Check that the small state files of ``checkpoint`` can be loaded: ``trainer_state.json`` (a TrainerState of
+    this checkpoint's step), the package's trainer state and ``scheduler.pt``. A malformed one would otherwise crash
+    the resume with a KeyError/TypeError deep in the Trainer; here it is a :class:`CheckpointError` naming it,
+    so auto-resume falls back to an older checkpoint."""
+    checkpoint = Path(checkpoint)
+    path = checkpoint / "trainer_state.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"it holds a {type(data).__name__}, not an object")
+            state = TrainerState(**data)
+            step = state.global_step
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                raise ValueError(f"its global_step is {step!r}")
+            if checkpoint_step(checkpoint) not in (None, step):
+                raise ValueError(f"its global_step {step} is not the step of {checkpoint.name}")
+        except (ValueError, TypeError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"{path} is malformed ({error}).") from error
+    path = checkpoint / EXTRA_STATE_NAME
+    if path.is_file():
+        read_extra_state(path)
+    path = checkpoint / "scheduler.pt"
+    if path.is_file():
+        state = load_state_file(path)
+        if not (isinstance(state, dict) and isinstance(state.get("last_epoch"), int)):
+            raise CheckpointError(
+                f"{path} is malformed: not a learning-rate scheduler's state (no integer last_epoch)."
+            )
 
 
 def latest_complete_checkpoint(run_dir: str | os.PathLike) -> str | None:

@@ -17,15 +17,15 @@ Bad data fails here, before training, with a message that says what to change (R
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import logging
 import math
 import os
 import sysconfig
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.compute as pc
@@ -33,6 +33,7 @@ import torch
 from datasets import Dataset, DatasetDict, Features, IterableDataset, IterableDatasetDict, Sequence, Value, load_dataset
 from datasets.fingerprint import Hasher
 
+from .arguments import DEFAULT_MAX_CORPUS_BYTES, DataArguments
 from .tokenizer import check_vocab, load_or_train_tokenizer
 
 if TYPE_CHECKING:
@@ -42,111 +43,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# 8 MB of the standard library (about 2/3 of CPython 3.11's 12 MB of non-test source, ~2.5M tokens at vocab
-# 4096): enough text for the CPU-sized presets, small enough that tokenizer training plus packing takes seconds.
-DEFAULT_MAX_CORPUS_BYTES = 8_000_000
 # Directories of the standard library that are not library source: test suites and installed packages.
 EXCLUDED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
 TEXT_EXTENSIONS = (".txt", ".text")
 JSON_EXTENSIONS = (".json", ".jsonl")
 SPLIT_SEED = 42  # for carving a validation split out of a training split that has none
 STREAM_GROUP_DOCS = 1000  # documents packed together in streaming mode; each group's last partial block is dropped
-
-
-@dataclass
-class DataArguments:
-    """Which text to train on and how to turn it into blocks (rendered as CLI flags by `HfArgumentParser`)."""
-
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Name of a dataset on the Hugging Face Hub (needs a network), e.g. 'allenai/c4'."},
-    )
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "Configuration of --dataset_name, e.g. 'en'."}
-    )
-    train_files: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Local training files or globs: .txt (one document per file, see --text_sample_by) or "
-            ".json/.jsonl (one document per record). Without --dataset_name and --train_files the Python "
-            "standard library source is used."
-        },
-    )
-    validation_files: list[str] | None = field(
-        default=None,
-        metadata={"help": "Local validation files or globs, same format as --train_files."},
-    )
-    text_column: str = field(default="text", metadata={"help": "Column holding the text in JSON/Hub datasets."})
-    text_sample_by: Literal["document", "paragraph", "line"] = field(
-        default="document",
-        metadata={
-            "help": "What one document is in a .txt file: the whole file, each paragraph, or each line. An eos "
-            "token ends every document."
-        },
-    )
-    streaming: bool = field(
-        default=False,
-        metadata={"help": "Stream the data instead of tokenizing it all up front (for corpora larger than disk)."},
-    )
-    validation_split_percentage: int = field(
-        default=5,
-        metadata={
-            "help": "Percentage of training documents held out for validation when the data has no validation "
-            "split; 0 means no validation."
-        },
-    )
-    block_size: int | None = field(
-        default=None,
-        metadata={"help": "Tokens per training sequence; defaults to the model's max_position_embeddings."},
-    )
-    tokenizer_name: str | None = field(
-        default=None,
-        metadata={"help": "Pretrained tokenizer name or path; by default a byte-level BPE is trained on the data."},
-    )
-    tokenizer_vocab_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Vocabulary size of the trained tokenizer (when --tokenizer_name is unset); default: the "
-            "model's vocab_size (4096 without a model config)."
-        },
-    )
-    tokenizer_train_bytes: int | None = field(
-        default=100_000_000,
-        metadata={"help": "At most this many bytes of training text are used to train the tokenizer; 0 = all."},
-    )
-    max_corpus_bytes: int | None = field(
-        default=DEFAULT_MAX_CORPUS_BYTES,
-        metadata={
-            "help": "Bytes of the built-in standard-library corpus to use (train + validation); 0 = all of it "
-            "(about 12 MB on CPython 3.11). The default keeps a CPU run's data preparation to seconds."
-        },
-    )
-    preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes for tokenization and packing; unset = in this process."}
-    )
-    overwrite_cache: bool = field(
-        default=False, metadata={"help": "Recompute the cached tokenized datasets and retrain the tokenizer."}
-    )
-
-    def __post_init__(self):
-        if self.dataset_name is not None and self.train_files:
-            raise ValueError("Give either `dataset_name` or `train_files`, not both.")
-        if self.validation_files and not self.train_files:
-            raise ValueError("`validation_files` needs `train_files` (the training data in the same format).")
-        if not 0 <= self.validation_split_percentage < 100:
-            raise ValueError(
-                f"`validation_split_percentage` must be in [0, 100), got {self.validation_split_percentage}."
-            )
-        if self.block_size is not None and self.block_size <= 0:
-            raise ValueError(f"`block_size` must be a positive integer, got {self.block_size}.")
-        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers <= 0:
-            raise ValueError(
-                f"`preprocessing_num_workers` must be a positive integer or unset, got {self.preprocessing_num_workers}."
-            )
-        if self.text_sample_by not in ("document", "paragraph", "line"):
-            raise ValueError(
-                f"`text_sample_by` must be 'document', 'paragraph' or 'line', got {self.text_sample_by!r}."
-            )
 
 
 # ---------------------------------------------------------------------------------------- built-in corpus
@@ -308,6 +210,39 @@ def _check_text_column(raw, text_column: str, source: str) -> None:
                 f"The {split!r} split of {source} has no column {text_column!r}; its columns are {columns}. "
                 "Set `text_column` to the one holding the text."
             )
+        feature = (dataset.features or {}).get(text_column)
+        if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+            raise ValueError(
+                f"The column {text_column!r} of the {split!r} split of {source} holds {feature!r}, not text. Set "
+                "`text_column` to a column of strings, or store the text as strings in the data."
+            )
+
+
+def _not_utf8(path: str, chunk_bytes: int = 1 << 20) -> str | None:
+    """Why ``path`` is not UTF-8 text (the first bad byte and its offset), or None when it is."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                return f"byte 0x{error.object[error.start]:02x} at offset {offset + error.start} is not UTF-8"
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
+def _raise_for_bad_file(files: list[str], error: Exception) -> None:
+    """After `load_dataset` failed on local files: raise an error naming the file that is not UTF-8 text (a Latin-1
+    or binary file), if there is one; otherwise return and let the caller re-raise the original error."""
+    for path in files:
+        reason = _not_utf8(path)
+        if reason is not None:
+            raise ValueError(
+                f"The data file {path} is not UTF-8 text ({reason}): a binary file, or text in another encoding. "
+                "Convert it (e.g. `iconv -f latin1 -t utf-8`) or leave it out of the data arguments."
+            ) from error
 
 
 def _check_has_text(dataset, text_column: str, what: str) -> None:
@@ -373,7 +308,11 @@ def load_raw_datasets(args: DataArguments) -> DatasetDict | IterableDatasetDict:
                     )
             source = f"the files {all_files[:3]}{' ...' if len(all_files) > 3 else ''}"
             options = {"sample_by": args.text_sample_by, "keep_linebreaks": True} if builder == "text" else {}
-            raw = load_dataset(builder, data_files=data_files, streaming=args.streaming, **options)
+            try:
+                raw = load_dataset(builder, data_files=data_files, streaming=args.streaming, **options)
+            except Exception as error:  # noqa: BLE001 - `datasets` wraps the decoder's error; re-raised with the file
+                _raise_for_bad_file(all_files, error)
+                raise
         _check_text_column(raw, args.text_column, source)
         if "validation" not in raw and args.validation_split_percentage > 0:
             raw = _carve_validation(raw, args.validation_split_percentage)

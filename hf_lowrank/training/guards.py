@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable, Iterable
 
 import torch
@@ -154,6 +155,24 @@ class StepGuard:
             "guard/rollbacks": self.rollbacks,
         }
 
+    def settings(self) -> dict:
+        """The policy's settings by flag name (recorded in checkpoints; at resume the new ones apply, R23)."""
+        settings = {
+            "spike_action": self.spike_action,
+            "max_rollbacks": self.max_rollbacks,
+            "max_consecutive_nonfinite": self.max_consecutive_nonfinite,
+            "divergence_patience": self.divergence_patience,
+        }
+        detector = self.spike_detector
+        if detector is not None:
+            settings.update(
+                spike_window=detector.window,
+                spike_threshold=detector.threshold,
+                spike_min_increase=detector.min_increase,
+                spike_warmup=detector.warmup,
+            )
+        return settings
+
     def state_dict(self) -> dict:
         return {
             "skipped_steps": self.skipped_steps,
@@ -166,12 +185,49 @@ class StepGuard:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the counters and the detector's history; the settings stay this guard's own (the new flags of a
+        resumed run are honoured, not replaced by the checkpoint's)."""
+        check_state_dict(state)
         self.skipped_steps, self.nonfinite_steps = state["skipped_steps"], state["nonfinite_steps"]
         self.consecutive_nonfinite, self.rollbacks = state["consecutive_nonfinite"], state["rollbacks"]
         # Absent from checkpoints written before the divergence check existed: it restarts from the next loss.
         self.initial_loss, self.steps_above_initial = state.get("initial_loss"), state.get("steps_above_initial", 0)
-        if self.spike_detector is not None and state["spike_detector"] is not None:
-            self.spike_detector.load_state_dict(state["spike_detector"])
+        detector = self.spike_detector
+        if detector is not None and state["spike_detector"] is not None:
+            configured = detector.window, detector.threshold, detector.min_increase, detector.warmup
+            detector.load_state_dict(state["spike_detector"])
+            detector.window, detector.threshold, detector.min_increase, detector.warmup = configured
+            detector.history = deque(detector.history, maxlen=detector.window)  # the newest losses of the window
+
+
+_COUNTERS = ("skipped_steps", "nonfinite_steps", "consecutive_nonfinite", "rollbacks")
+_DETECTOR_KEYS = ("window", "threshold", "min_increase", "warmup", "history", "steps", "spikes", "last_spike_step")
+
+
+def check_state_dict(state) -> None:
+    """Raise ValueError unless ``state`` has the shape `StepGuard.state_dict` gives (checked before any of it is
+    used, so a malformed checkpoint file is reported, not a KeyError)."""
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(state, dict):
+        raise ValueError(f"the guard state is a {type(state).__name__}, not an object")
+    bad = [key for key in _COUNTERS if not count(state.get(key))]
+    if bad:
+        raise ValueError(f"the guard state lacks non-negative integer counters {bad}")
+    if "spike_detector" not in state:
+        raise ValueError("the guard state has no 'spike_detector' entry")
+    detector = state["spike_detector"]
+    if detector is not None:
+        missing = [key for key in _DETECTOR_KEYS if not isinstance(detector, dict) or key not in detector]
+        if missing:
+            raise ValueError(f"the spike detector's state lacks {missing}")
+        history_ok = isinstance(detector["history"], list) and all(
+            isinstance(x, (int, float)) for x in detector["history"]
+        )
+        if not (history_ok and count(detector["steps"]) and count(detector["spikes"])):
+            raise ValueError("the spike detector's history, steps or spikes are malformed")
 
 
 class GuardedOptimizer(torch.optim.Optimizer):

@@ -27,8 +27,11 @@ from .checkpointing import latest_complete_checkpoint, resolve_resume_checkpoint
 from .data import DataArguments, build_datasets, resolve_block_size, unigram_cross_entropy
 from .distributed import check_launch
 from .plots import plot_training_curves
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, TrainingPreempted
+from .run_dir import mark_complete, open_run_dir
 from .tokenizer import check_vocab
 from .trainer import build_step_guard, build_trainer
+from .validation import check_config_keys, check_inputs
 
 logger = logging.getLogger("hf_lowrank.pretrain")
 
@@ -73,6 +76,7 @@ def build_config(model_args: ModelArguments, vocab_size: int | None = None):
     if model_args.preset not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {model_args.preset!r}.")
     overrides = _parse_overrides(model_args.config_overrides)
+    check_config_keys(overrides)
     for name in ("rank_ratio", "rank", "lowrank_init"):
         if getattr(model_args, name) is not None:
             overrides[name] = getattr(model_args, name)
@@ -121,18 +125,33 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
         )
 
     # Resume from an explicit checkpoint (checked now, before any work), else from the newest complete and
-    # verified checkpoint in output_dir (incomplete or torn ones are skipped with a warning), else start fresh.
+    # verified checkpoint in output_dir (picked once the folder is locked), else start fresh.
+    resume = None
     if training_args.resume_from_checkpoint is not None:
         resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint)
-    else:
-        resume = latest_complete_checkpoint(output_dir)
-        if resume:
-            logger.info("Resuming from the newest complete checkpoint %s", resume)
 
     # Build (and so validate) the model config and the step guard before any data work: a typo fails in a
     # second, not after tokenization. A named tokenizer sets the vocabulary unless --config_overrides fixes it.
     config = build_config(model_args)
     guard = build_step_guard(run_args)
+    check_inputs(config, data_args, training_args)  # size (R26) and vocabulary, before anything is written
+    # One run per folder, never a foreign folder, and a finished run is not trained again (R19-R21).
+    with open_run_dir(training_args.output_dir, training_args, overwrite=run_args.overwrite_output_dir) as completed:
+        if completed is not None:
+            return _completed_metrics(output_dir, completed)
+        return _train_and_save(
+            model_args, data_args, optimizer_args, run_args, training_args, config, guard, resume, started
+        )
+
+
+def _train_and_save(model_args, data_args, optimizer_args, run_args, training_args, config, guard, resume, started):
+    """`run` once the output folder is checked and locked: prepare the data, train (from ``resume``, else the newest
+    complete checkpoint), save, evaluate, and mark the run complete."""
+    output_dir = Path(training_args.output_dir)
+    if resume is None:  # incomplete or torn checkpoints are skipped with a warning
+        resume = latest_complete_checkpoint(output_dir)
+        if resume:
+            logger.info("Resuming from the newest complete checkpoint %s", resume)
     output_dir.mkdir(parents=True, exist_ok=True)
     block_size = resolve_block_size(data_args, config)
     with training_args.main_process_first(desc="tokenizer and dataset preparation"):
@@ -172,6 +191,7 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
     )
 
     use_cache = model.config.use_cache  # before the Trainer overwrites it
+    preemption = PreemptionCallback()
     periodic_eval = eval_dataset
     if run_args.eval_max_batches is not None:
         n = run_args.eval_max_batches * training_args.per_device_eval_batch_size
@@ -185,8 +205,11 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
         eval_dataset=periodic_eval,
         processing_class=tokenizer,
         guard=guard,
+        callbacks=(preemption,),
     )
     train_result = trainer.train(resume_from_checkpoint=resume)
+    if preemption.stop_requested(training_args):  # SIGTERM: checkpoint saved at the step it stopped (R24)
+        raise TrainingPreempted(output_dir, trainer.state.global_step)
     train_seconds = time.time() - started
     model.config.use_cache = use_cache  # the Trainer set it to TrainingArguments.use_cache (False)
     trainer.save_model(str(output_dir))  # model (safetensors) + tokenizer + self-contained code
@@ -257,7 +280,15 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
             },
         )
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+        mark_complete(output_dir, trainer.state.global_step, training_args)  # last: every output file is written
     return metrics
+
+
+def _completed_metrics(output_dir: Path, completed: dict) -> dict:
+    """What a re-run of a finished run returns, changing nothing: the metrics it saved (R19)."""
+    logger.info("The run in %s is complete (step %d): nothing to do.", output_dir, completed["global_step"])
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    return {**metrics, "already_complete": completed}
 
 
 def scored_eval_tokens(eval_dataset, block_size: int, training_args) -> int:
@@ -287,8 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     args = parse_args(argv)
-    metrics = run(*args)
+    try:
+        metrics = run(*args)
+    except TrainingPreempted as stop:
+        logger.warning("%s", stop)
+        return PREEMPTED_EXIT_CODE
     training_args = args[-1]
+    if metrics.get("already_complete"):
+        if training_args.process_index == 0:
+            step = metrics["already_complete"]["global_step"]
+            print(
+                f"\nThe run in {training_args.output_dir} is complete (step {step}); nothing was changed. To train "
+                "further, raise --max_steps; to start over, use a new --output_dir."
+            )
+        return 0
     if training_args.process_index == 0:
         out = training_args.output_dir
         unigram = metrics["unigram_loss"]

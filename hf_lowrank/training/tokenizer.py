@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from .checkpointing import STAGING_PREFIX, fsync_dir, fsync_file
+
 if TYPE_CHECKING:
     from ..configuration_lowrank import LowRankLlamaConfig
-    from .data import DataArguments
+    from .arguments import DataArguments
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +71,42 @@ def train_bpe_tokenizer(
         clean_up_tokenization_spaces=False,
     )
     if save_dir is not None:
-        wrapped.save_pretrained(save_dir)
+        save_tokenizer_atomic(wrapped, save_dir)
     return wrapped
+
+
+TOKENIZER_FILE = "tokenizer.json"  # its presence makes a later run reuse the saved tokenizer: written last
+
+
+def save_tokenizer_atomic(tokenizer: PreTrainedTokenizerBase, save_dir: str | os.PathLike) -> None:
+    """``save_pretrained`` into a staging folder, fsynced, then each file renamed into ``save_dir``,
+    ``tokenizer.json`` last: a crash leaves either no ``tokenizer.json`` (the next run trains again) or a whole one."""
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    staging = save_dir / f"{STAGING_PREFIX}tokenizer.{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    tokenizer.save_pretrained(staging)
+    files = sorted(staging.iterdir(), key=lambda path: path.name == TOKENIZER_FILE)
+    for path in files:
+        fsync_file(path)
+    for path in files:
+        os.replace(path, save_dir / path.name)
+    fsync_dir(save_dir)
+    staging.rmdir()
+
+
+def load_saved_tokenizer(folder: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(folder)``; a torn or corrupted tokenizer is an error naming the file."""
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # noqa: BLE001 - `tokenizers` raises its own exception types; re-raised with the file
+        path = Path(folder) / TOKENIZER_FILE
+        raise ValueError(
+            f"Cannot read the tokenizer saved in {path} (torn or corrupted?): {error}. Copy tokenizer.json back from a "
+            "checkpoint-N folder of this run, or, if no checkpoint was trained with it, delete it (or pass "
+            "--overwrite_cache) to train a new one."
+        ) from error
 
 
 def iter_text_batches(dataset, text_column: str, max_bytes: int | None, batch_size: int = 1000) -> Iterator[list[str]]:
@@ -117,7 +155,7 @@ def load_or_train_tokenizer(
         and not args.overwrite_cache
     ):
         logger.info("Reusing the tokenizer saved in %s (pass --overwrite_cache to train a new one).", output_dir)
-        return AutoTokenizer.from_pretrained(output_dir)
+        return load_saved_tokenizer(output_dir)
     logger.info("Training a byte-level BPE tokenizer (vocab %d) on the training split.", args.tokenizer_vocab_size)
     tokenizer = train_bpe_tokenizer(
         iter_text_batches(raw_train, args.text_column, args.tokenizer_train_bytes),
@@ -126,7 +164,7 @@ def load_or_train_tokenizer(
     )
     # Reload what was saved, so this run and a resumed one tokenize with the same object (and hit the same
     # `datasets` cache entries).
-    return tokenizer if output_dir is None else AutoTokenizer.from_pretrained(output_dir)
+    return tokenizer if output_dir is None else load_saved_tokenizer(output_dir)
 
 
 def check_vocab(tokenizer: PreTrainedTokenizerBase, config: LowRankLlamaConfig) -> None:

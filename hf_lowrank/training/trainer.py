@@ -1,7 +1,8 @@
 """The HF Trainer, with the optimizer built by `hf_lowrank.build_optimizer`, step guards and crash-safe checkpoints."""
 
-import json
+import errno
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ from .checkpointing import (
     crash_point,
     latest_complete_checkpoint,
     load_state_file,
+    read_extra_state,
     remove_leftovers,
     resolve_resume_checkpoint,
     rotate_checkpoints,
@@ -30,11 +32,28 @@ from .checkpointing import (
     write_json_atomic,
 )
 from .diagnostics import LossSpikeDetector, SpectralDiagnosticsCallback
-from .guards import APPLY, ROLLBACK, GuardedOptimizer, StepGuard, all_finite
+from .guards import APPLY, ROLLBACK, GuardedOptimizer, NonFiniteTrainingError, StepGuard, all_finite
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME = "trainer_state.json", "optimizer.pt", "scheduler.pt"
+
+# Settings a checkpoint records (R23). At resume, those that the checkpoint's optimizer and LR-scheduler state would
+# silently replace (`load_state_dict` restores the saved hyperparameters of every param group and the saved base
+# learning rates) are refused when they differ; every other one takes its new value, with a warning.
+REFUSED_AT_RESUME = (
+    "optimizer",
+    "learning_rate",
+    "adamw_learning_rate",
+    "weight_decay",
+    "adamw_weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "spectron_momentum",
+    "ns_steps",
+    "power_iters",
+    "rebalance_every",
+)
 
 
 class LowRankTrainer(Trainer):
@@ -67,6 +86,10 @@ class LowRankTrainer(Trainer):
         self._micro_steps = 0
         self._last_step_loss: float | None = None
         self._rollback_pending = False
+        # Optimizer steps whose batches were consumed but then undone by a rollback: the data loader is this many
+        # steps ahead of `global_step`, which a resume must reproduce (R3).
+        self._data_step_offset = 0
+        self._last_applied_step = 0  # the last step whose update reached the weights
         if self.optimizer is not None:  # given through `optimizers=(optimizer, scheduler)`: guard it too
             self.optimizer = GuardedOptimizer(self.optimizer, self._should_step)
 
@@ -94,12 +117,49 @@ class LowRankTrainer(Trainer):
         """Asked by the guarded optimizer right before each update, on every rank."""
         assert self._last_step_loss is not None, "optimizer.step() outside the training loop"
         grads = (p.grad for group in self.optimizer.param_groups for p in group["params"])
-        verdict = self.guard.decide(
-            self._last_step_loss, all_finite(grads), step=self.state.global_step + 1, device=self.args.device
-        )
+        step = self.state.global_step + 1
+        grads_finite = all_finite(grads)
+        if not (grads_finite and math.isfinite(self._last_step_loss)):
+            # Skipping helps only when the weights are finite; if an earlier update overflowed them, every later
+            # loss is NaN and the guard's "nothing reached the weights" would be false (R22). Checked only here,
+            # on a non-finite step, so a healthy step pays nothing.
+            bad = self._nonfinite_tensor()
+            if bad is not None:
+                raise self._overflow_error(bad, step)
+        verdict = self.guard.decide(self._last_step_loss, grads_finite, step=step, device=self.args.device)
         self._last_step_loss = None
         self._rollback_pending = verdict == ROLLBACK
+        if verdict == APPLY:
+            self._last_applied_step = step
         return verdict == APPLY
+
+    def _nonfinite_tensor(self) -> str | None:
+        """The name of the first parameter or optimizer-state tensor holding NaN/inf, or None."""
+        names = {}
+        for name, param in self.model.named_parameters():
+            if not torch.isfinite(param).all():
+                return f"the parameter {name}"
+            names[param] = name
+        if self.optimizer is not None:
+            for param, state in self.optimizer.state.items():
+                for key, value in state.items():
+                    if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                        return f"the optimizer state {key!r} of {names.get(param, 'a parameter')}"
+        return None
+
+    def _overflow_error(self, tensor: str, step: int, unsaved: str | None = None) -> NonFiniteTrainingError:
+        last = latest_complete_checkpoint(self.args.output_dir)
+        intact = (
+            f"The newest complete checkpoint, {last}, holds only finite values (a save refuses NaN/inf)"
+            if last
+            else "No complete checkpoint was saved before it"
+        )
+        return NonFiniteTrainingError(
+            f"Step {step}: {tensor} holds NaN/inf although every update applied had a finite loss and finite "
+            f"gradients: an optimizer update itself overflowed (the last one applied was step "
+            f"{self._last_applied_step}).{f' {unsaved} was not saved.' if unsaved else ''} {intact}. Lower "
+            "--learning_rate or keep gradient clipping on (--max_grad_norm), then resume from that checkpoint."
+        )
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         if self._rollback_pending and self._micro_steps == 0:
@@ -126,6 +186,7 @@ class LowRankTrainer(Trainer):
         self._load_optimizer_and_scheduler(checkpoint)
         saved_step = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).global_step
         self.state.global_step = saved_step
+        self._data_step_offset += spike_step - saved_step  # those steps' batches stay consumed
         self._globalstep_last_logged = saved_step
         self.guard.rollbacks += 1
         logger.warning(
@@ -163,17 +224,108 @@ class LowRankTrainer(Trainer):
                 )
         elif resume_from_checkpoint:
             checkpoint = resolve_resume_checkpoint(resume_from_checkpoint)
+        self._check_data_fits()
+        self._data_step_offset = 0
         if checkpoint is not None:
             check_weights_fit(checkpoint, self.model)
             self._load_extra_state(checkpoint)
-        return super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        result = super().train(resume_from_checkpoint=checkpoint, trial=trial, **kwargs)
+        bad = self._nonfinite_tensor()  # the caller saves the final model next: never a non-finite one (R22)
+        if bad is not None:
+            raise self._overflow_error(bad, self.state.global_step, unsaved="The final model")
+        return result
+
+    def _check_data_fits(self) -> None:
+        """Refuse, before the first step, a training or validation split too small for one batch: the run would
+        train no step (and save an untrained model) or its evaluation would score nothing (no ``eval_loss``)."""
+        args = self.args
+        splits = [("training", self.train_dataset, args.per_device_train_batch_size, "--per_device_train_batch_size")]
+        if self.eval_dataset is not None and not isinstance(self.eval_dataset, dict):
+            splits.append(
+                ("validation", self.eval_dataset, args.per_device_eval_batch_size, "--per_device_eval_batch_size")
+            )
+        for split, dataset, batch_size, flag in splits:
+            if dataset is None or not hasattr(dataset, "__len__"):  # a stream: its length is unknown
+                continue
+            needed = batch_size * args.world_size if args.dataloader_drop_last else 1
+            if len(dataset) < needed:
+                most = max(1, len(dataset) // args.world_size)
+                raise ValueError(
+                    f"The {split} split has {len(dataset)} sequences, fewer than one batch ({flag} {batch_size} x "
+                    f"{args.world_size} processes, and --dataloader_drop_last drops a partial batch): "
+                    f"{'no step would train' if split == 'training' else 'evaluation would score nothing'}. Lower "
+                    f"{flag} to at most {most}, lower --block_size, or add data"
+                    f"{' (or raise --validation_split_percentage)' if split == 'validation' else ''}."
+                )
+
+    def _run_settings(self) -> dict:
+        """The settings this run trains with, recorded in each checkpoint and compared at resume (R23)."""
+        args, options = self.args, self.optimizer_args
+        settings = {
+            "optimizer": options.optimizer,
+            "learning_rate": args.learning_rate,
+            "adamw_learning_rate": options.adamw_learning_rate,
+            "weight_decay": args.weight_decay,
+            "adamw_weight_decay": options.adamw_weight_decay,
+            "adam_beta1": args.adam_beta1,
+            "adam_beta2": args.adam_beta2,
+            "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+            "warmup_steps": args.warmup_steps,
+            "max_steps": args.max_steps,
+            "max_grad_norm": args.max_grad_norm,
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "world_size": args.world_size,
+            "seed": args.seed,
+            **self.guard.settings(),
+        }
+        if options.optimizer != "adamw":
+            settings.update(
+                {f"spectron_{k}" if k == "momentum" else k: v for k, v in options.spectron_options().items()}
+            )
+        return settings
+
+    def _check_settings(self, saved: dict | None, path: str) -> None:
+        """Refuse settings that the checkpoint's state would silently replace; warn about the others, which this
+        run honours (R23)."""
+        if saved is None:
+            logger.warning("%s records no settings (saved by an older version): they cannot be compared.", path)
+            return
+        current = self._run_settings()
+        changed = {k: (saved[k], current[k]) for k in sorted(saved.keys() & current.keys()) if saved[k] != current[k]}
+        refused = {k: v for k, v in changed.items() if k in REFUSED_AT_RESUME}
+        if refused:
+            details = ", ".join(f"--{k} {new} (the checkpoint's: {old})" for k, (old, new) in refused.items())
+            raise ValueError(
+                f"Cannot resume from {os.path.dirname(path)} with {details}: its optimizer and LR-schedule state "
+                "carry the old values and would silently replace the new ones. Resume with the checkpoint's values, "
+                "or start a new run in a new --output_dir."
+            )
+        for key, (old, new) in changed.items():
+            logger.warning("Resuming with --%s %s (the checkpoint was trained with %s).", key, new, old)
 
     def _load_extra_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, EXTRA_STATE_NAME)
         if not os.path.isfile(path):
             logger.info("%s has no %s: the step guard and spike detector start fresh.", checkpoint, EXTRA_STATE_NAME)
             return
-        self.guard.load_state_dict(json.loads(Path(path).read_text())["guard"])
+        state = read_extra_state(path)  # checked: a malformed file is a CheckpointError naming it
+        self._check_settings(state.get("settings"), path)
+        self.guard.load_state_dict(state["guard"])
+        self._data_step_offset = state.get("data_step_offset", 0)
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, *args, **kwargs):
+        """`Trainer._init_training_state`, with the data position of a checkpoint saved after a rollback: its
+        loader had consumed ``global_step + data_step_offset`` steps of batches, and the stock Trainer skips only
+        ``global_step`` of them, so the resumed run would replay batches and never see others (R3, R4)."""
+        epochs_trained, steps_in_epoch = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, *args, **kwargs
+        )
+        if self._data_step_offset and not self.args.ignore_data_skip and self.state.global_step > 0:
+            data_step = self.state.global_step + self._data_step_offset
+            epochs_trained = data_step // num_update_steps_per_epoch
+            steps_in_epoch = (data_step % num_update_steps_per_epoch) * self.args.gradient_accumulation_steps
+        return epochs_trained, steps_in_epoch
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         check_weights_fit(resume_from_checkpoint, self.model if model is None else model)
@@ -218,6 +370,18 @@ class LowRankTrainer(Trainer):
                 f"Could not load {os.path.join(checkpoint, name)} (torn, or not a plain tensor file): {error}"
             ) from error
 
+    # ------------------------------------------------------------------------------------------ end of training
+    def _run_epoch(self, *args, **kwargs):
+        """`Trainer._run_epoch` (private: the only hook before the first step), preceded by one check: a run
+        resumed from a checkpoint taken at ``max_steps`` (a kill during the final save or evaluation, then a
+        re-run) trains no step. The stock loop checks ``max_steps`` only after a step, so it would train one step
+        past the end, change the weights and rotate the true final checkpoint away (R19)."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            logger.info("Step %d is already max_steps: nothing left to train.", self.state.global_step)
+            self.control.should_training_stop = True
+            return
+        return super()._run_epoch(*args, **kwargs)
+
     # ------------------------------------------------------------------------------------------ save
     def _save_checkpoint(self, model, trial) -> None:
         """`Trainer._save_checkpoint`, made atomic: everything is written into a staging folder, which is
@@ -227,10 +391,45 @@ class LowRankTrainer(Trainer):
         run_dir = self._get_output_dir(trial=trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         final, staging = os.path.join(run_dir, name), str(staging_dir(run_dir, name))
+        bad = self._nonfinite_tensor()  # what a save writes must be finite (R22); every rank holds the same
+        if bad is not None:
+            raise self._overflow_error(bad, self.state.global_step, unsaved=final)
         if self.args.should_save and os.path.isdir(staging):
             shutil.rmtree(staging)  # left by a crash at this very step
         self.accelerator.wait_for_everyone()  # every rank: the staging folder is clean before anyone writes
+        try:
+            self._write_checkpoint_files(staging, run_dir)
+        except (OSError, RuntimeError) as error:
+            if not _out_of_space(error, run_dir):
+                raise
+            free = shutil.disk_usage(run_dir).free
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # a partial save is garbage and holds the space
+            last = latest_complete_checkpoint(run_dir)
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device while saving {final} ({free / 2**20:.1f} MiB were free on the disk of "
+                f"{run_dir}; the writer reported: {error}). The partial save was removed"
+                + (
+                    f"; the newest complete checkpoint, {last}, is intact"
+                    if last
+                    else "; no complete checkpoint exists"
+                )
+                + ". Free some space or point --output_dir at a larger disk, then run again to resume.",
+            ) from error
 
+        self.accelerator.wait_for_everyone()  # every rank has written its files (RNG states are per rank)
+        if self.args.should_save:
+            commit_checkpoint(staging, final)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
+        if self.args.should_save:
+            keep = {self.state.best_model_checkpoint} if self.state.best_model_checkpoint else set()
+            rotate_checkpoints(run_dir, self.args.save_total_limit, keep=keep)
+
+    def _write_checkpoint_files(self, staging: str, run_dir: str) -> None:
+        """Every file of a checkpoint, written into ``staging`` (the part of `Trainer._save_checkpoint` we keep)."""
         self.save_model(staging, _internal_call=True)
         crash_point("model")
         best_step = self.state.best_global_step
@@ -252,18 +451,27 @@ class LowRankTrainer(Trainer):
                     else:
                         self.state.stateful_callbacks[key] = callback.state()
             self.state.save_to_json(os.path.join(staging, TRAINER_STATE_NAME))
-            write_json_atomic(os.path.join(staging, EXTRA_STATE_NAME), {"guard": self.guard.state_dict()})
+            extra = {
+                "guard": self.guard.state_dict(),
+                "settings": self._run_settings(),
+                "data_step_offset": self._data_step_offset,
+            }
+            write_json_atomic(os.path.join(staging, EXTRA_STATE_NAME), extra)
         crash_point("state")
 
-        self.accelerator.wait_for_everyone()  # every rank has written its files (RNG states are per rank)
-        if self.args.should_save:
-            commit_checkpoint(staging, final)
-        self.accelerator.wait_for_everyone()
-        if self.args.push_to_hub:
-            self._push_from_checkpoint(final)
-        if self.args.should_save:
-            keep = {self.state.best_model_checkpoint} if self.state.best_model_checkpoint else set()
-            rotate_checkpoints(run_dir, self.args.save_total_limit, keep=keep)
+
+def _out_of_space(error: BaseException, folder: str) -> bool:
+    """Whether a failed write ran out of disk space. `torch.save` reports a short write as ``unexpected pos``
+    without the OS error, so besides ENOSPC/EDQUOT/EFBIG anywhere in the chain, a disk with less free space than
+    one checkpoint needs (the newest one's size, at least 16 MiB) counts as full."""
+    cause = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    last = latest_complete_checkpoint(folder)
+    needed = sum(p.stat().st_size for p in Path(last).rglob("*") if p.is_file()) if last else 0
+    return shutil.disk_usage(folder).free < max(needed, 16 * 2**20)
 
 
 def build_step_guard(run_args: RunArguments) -> StepGuard:
