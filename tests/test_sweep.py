@@ -211,3 +211,20 @@ def test_small_helpers():
     assert Job("spectron", 0.05, 1, 8, clip=False, rank_ratio=0.4).id == "spectron_lr0.05_seed1_steps8_noclip_rank0.4"
     assert is_done({"diverged": True, "steps_done": 2}, 12) and not is_done(None, 4)
     assert set(VARIANTS) == {"dense_adamw", "lowrank_adamw", "orthogonalize_only", "renormalize_only", "spectron"}
+
+
+def test_a_second_study_in_the_same_folder_is_refused(tmp_path, cache_dir):
+    import hashlib
+
+    from hf_lowrank.training.run_dir import OutputDirInUseError, RunLock
+
+    settings = smoke_settings()
+    key = hashlib.sha256(str(tmp_path.resolve()).encode()).hexdigest()[:8]
+    holder = RunLock(cache_dir / f"checkpoints-{settings.fingerprint()}-{key}")
+    holder.acquire()  # another study holds the folder
+    try:
+        with pytest.raises(OutputDirInUseError, match="Another stability study is writing"):
+            run_study(settings, tmp_path, workers=0, cache_dir=cache_dir, log=lambda _: None)
+    finally:
+        holder.release()
+    assert not list((tmp_path / "runs").glob("*.json"))

@@ -108,6 +108,13 @@ def summarize(plan: StudyPlan, done: dict[str, dict], data_info: dict) -> dict:
             "final_loss": [r["final_loss"] for r in at_best],
             "final_loss_mean": _mean([r["final_loss"] for r in at_best]),
             "diverged": sum(1 for r in grid.values() if r is not None and r["diverged"]),
+            # Runs that did not diverge but never got below the unigram baseline: they stalled at the token
+            # frequencies (judged at their last evaluation, the rung for runs pruned there).
+            "stalled": sorted(
+                r["lr"]
+                for r in grid.values()
+                if r is not None and not r["diverged"] and r["final_loss"] >= data_info["unigram_loss"]
+            ),
             "lr_width_decades": lr_width_decades(finals, lrs, WIDTH_TOLERANCE) if final else None,
             "largest_stable_lr": top,
             "final_loss_at_largest_stable_lr": [r["final_loss"] for r in at_top],
@@ -276,8 +283,8 @@ def results_markdown(summary: dict) -> str:
         "## Per variant",
         "",
         "| variant | best lr | final loss (seeds) | below unigram | lr width (decades, ±0.1 nats) | diverged / grid "
-        "| spikes | max ‖ΔW‖₂ at best lr | factor-norm growth | largest stable lr (final loss) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| stalled at unigram | spikes | max ‖ΔW‖₂ at best lr | factor-norm growth | largest stable lr (final loss) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for v in summary["variants"].values():
         mean = v["final_loss_mean"]
@@ -287,7 +294,8 @@ def results_markdown(summary: dict) -> str:
         lines.append(
             f"| {v['label']} | {_num(v['best_lr'], 'g')} | {_seeds(v['final_loss'])} | "
             f"{_num(None if mean is None else summary['unigram_loss'] - mean, '.2f')} | {_num(v['lr_width_decades'], '.2f')} "
-            f"| {v['diverged']} / {len(v['learning_rates'])} | {v['spikes']} | {_num(v['max_update_norm_at_best_lr'])} "
+            f"| {v['diverged']} / {len(v['learning_rates'])} | {', '.join(f'{lr:g}' for lr in v['stalled']) or '—'} "
+            f"| {v['spikes']} | {_num(v['max_update_norm_at_best_lr'])} "
             f"| {'—' if not growth else f'{max(growth):.2f}×'} | {_num(v['largest_stable_lr'], 'g')} "
             f"({_seeds(v['final_loss_at_largest_stable_lr'])}) |"
         )
@@ -295,7 +303,8 @@ def results_markdown(summary: dict) -> str:
         "",
         "Factor-norm growth: the largest σ(up) or σ(down) over the layers at the end of training over its value at the "
         "first measurement (dense: ‖W‖₂). Largest stable lr: the largest lr whose run trained to the end without "
-        "diverging.",
+        "diverging. Stalled: lrs whose runs did not diverge but ended (or were pruned) at or above the unigram "
+        "baseline.",
         "",
         "## Grids",
         "",
@@ -462,9 +471,9 @@ def plot_all(out_dir: Path, plan: StudyPlan, done: dict[str, dict], summary: dic
             axes[row, 2].plot(d["step"], d["update_norm_max"], color=c, lw=1, label=f"{label}: max")
             axes[row, 2].plot(d["step"], d["update_norm_mean"], color=c, lw=1, ls=":", label=f"{label}: mean")
         which = "best lr" if row == 0 else "largest stable lr"
-        axes[row, 0].set_title(f"largest σ(up) (solid), σ(down) (dashed) over layers, {which}")
-        axes[row, 1].set_title(f"‖W‖₂ of the product, max (solid) and mean (dotted) over layers, {which}")
-        axes[row, 2].set_title(f"‖ΔW‖₂ per step, max (solid) and mean (dotted) over layers, {which}")
+        axes[row, 0].set_title(f"{which}: max σ(up) solid, σ(down) dashed", fontsize=10)
+        axes[row, 1].set_title(f"{which}: ‖W‖₂, max solid, mean dotted", fontsize=10)
+        axes[row, 2].set_title(f"{which}: ‖ΔW‖₂ per step, max solid, mean dotted", fontsize=10)
         for ax in axes[row]:
             ax.set(yscale="log", xlabel="step")
             ax.grid(alpha=0.3, which="both")

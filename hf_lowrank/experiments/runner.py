@@ -230,6 +230,7 @@ def train_segment(segment: Segment, settings: StudySettings, data_dir: Path, che
 
 
 def worker_init(threads: int) -> None:
+    _end_with_parent()
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -237,6 +238,18 @@ def worker_init(threads: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     hf_logging.set_verbosity_error()
     logging.getLogger("hf_lowrank").setLevel(logging.ERROR)  # per-step guard warnings: the run record has them
+
+
+def _end_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when the study process dies (a killed study left workers training on);
+    the run's crash-safe checkpoints make that safe. A no-op elsewhere."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def run_segment(segment: Segment, settings: StudySettings, data_dir: Path, runs_dir: Path, checkpoints: Path) -> dict:

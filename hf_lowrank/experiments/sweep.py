@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExe
 from multiprocessing import get_context
 from pathlib import Path
 
+from ..training.run_dir import OutputDirInUseError, RunLock
 from .plan import VARIANTS, StudyPlan, StudySettings, smoke_settings
 from .report import write_report
 from .runner import prepare_data, run_segment, worker_init
@@ -73,6 +74,19 @@ def run_study(
     # One checkpoint folder per (settings, results folder): two studies never continue each other's runs.
     study_key = hashlib.sha256(str(out_dir.resolve()).encode()).hexdigest()[:8]
     checkpoints = cache_dir / f"checkpoints-{settings.fingerprint()}-{study_key}"
+    lock = RunLock(checkpoints)  # one study per results folder: two would train the same runs into one folder
+    try:
+        lock.acquire()
+    except OutputDirInUseError as error:
+        raise OutputDirInUseError(f"Another stability study is writing {out_dir}: {error}") from None
+    try:
+        return _train_and_report(plan, settings, out_dir, runs_dir, checkpoints, data_dir, data_info, workers,
+                                 max_segments, log)  # fmt: skip
+    finally:
+        lock.release()
+
+
+def _train_and_report(plan, settings, out_dir, runs_dir, checkpoints, data_dir, data_info, workers, max_segments, log):
     done = load_finished(runs_dir, settings.fingerprint(), log=log)
     log(
         f"{len(done)} runs recorded, {len(plan.segments(done))} segments ready to train; {max(workers, 1)} "
