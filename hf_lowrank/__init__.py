@@ -8,10 +8,9 @@ import transformers
 from transformers import AutoConfig
 
 from . import modeling_lowrank
-from .configuration_lowrank import LOWRANK_PROJECTIONS, LowRankLlamaConfig
+from .configuration_lowrank import LOWRANK_FACTOR_NAMES, LOWRANK_PROJECTIONS, LowRankLlamaConfig
 from .modeling_lowrank import (
     AUTO_CLASSES,
-    LOWRANK_FACTOR_NAMES,
     LowRankLinear,
     LowRankLlamaForCausalLM,
     LowRankLlamaForQuestionAnswering,

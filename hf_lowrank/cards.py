@@ -14,8 +14,8 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
-from .configuration_lowrank import LowRankLlamaConfig
-from .presets import count_parameters
+from .configuration_lowrank import LOWRANK_PROJECTIONS, LowRankLlamaConfig, count_parameters
+from .files import TOKENIZER_FILES
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 
@@ -23,17 +23,6 @@ TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 TRAINING_SUMMARY = "training_summary.json"
 EVAL_RESULTS = "eval_results.json"
 CURVES_PLOT = "training_curves.png"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "chat_template.jinja",
-)
 
 # Metadata every published card carries; `validate_model_card` refuses a card without it.
 REQUIRED_TAGS = ("low-rank", "spectron", "lowrank_llama", "custom_code")
@@ -191,12 +180,11 @@ def plot_files(model_dir: Path) -> list[str]:
 def projection_rows(config: LowRankLlamaConfig) -> list[dict]:
     """One row per projection of a decoder layer; parameters (with biases) counted as `count_parameters` does."""
     rows = []
-    for name, (in_features, out_features) in config.projection_shapes().items():
-        has_bias = config.attention_bias if name in ("q_proj", "k_proj", "v_proj", "o_proj") else config.mlp_bias
-        bias = out_features if has_bias else 0
+    shapes = config.projection_shapes()
+    for name in LOWRANK_PROJECTIONS:
+        in_features, out_features = shapes[name]
         rank = config.rank_for(name)
-        dense = in_features * out_features + bias
-        params = dense if rank is None else rank * (in_features + out_features) + bias
+        params, dense = config.projection_parameters(name), config.projection_parameters(name, dense=True)
         rows.append(
             dict(
                 name=name,
@@ -219,7 +207,7 @@ def _architecture_facts(config: LowRankLlamaConfig) -> list[tuple[str, str]]:
             rank_rule += f", overrides {json.dumps(config.rank_overrides)}"
     else:
         rank_rule = f"rank = floor({config.rank_ratio} · min(in, out))"
-    dense = [name for name in config.projection_shapes() if name not in config.lowrank_modules]
+    dense = [name for name in LOWRANK_PROJECTIONS if name not in config.lowrank_modules]
     return [
         ("Decoder layers", str(config.num_hidden_layers)),
         ("Hidden size / MLP size", f"{config.hidden_size} / {config.intermediate_size} (SwiGLU)"),

@@ -4,14 +4,24 @@ This file is copied to the Hub next to the weights: it imports only ``transforme
 """
 
 import math
+from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-# The seven LLaMA projections, in Llama's names. Any subset of them can be factorized.
+# The geometry of the model, declared once: the projection names, the factor names, the long-dimension rule (below)
+# and the shapes, ranks and parameter counts (`LowRankLlamaConfig`, `count_parameters`). Every other module derives
+# its names, shapes and counts from these.
+
+# The seven LLaMA projections, in Llama's names and module order. Any subset of them can be factorized.
 LOWRANK_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ATTENTION_PROJECTIONS = LOWRANK_PROJECTIONS[:4]  # children of `self_attn`
+MLP_PROJECTIONS = LOWRANK_PROJECTIONS[4:]  # children of `mlp`
+# The two factors of every factorized projection, in forward order: `down` maps in_features -> r, `up` maps
+# r -> out_features. The model, the optimizer router, PEFT targeting, FSDP placement and conversion read these.
+LOWRANK_FACTOR_NAMES = ("down", "up")
+DOWN_FACTOR, UP_FACTOR = LOWRANK_FACTOR_NAMES
 LOWRANK_INITS = ("spectral", "normal")
 # How Llama splits each projection under tensor parallelism: "colwise" shards the output features, "rowwise" the
 # input features (its output is all-reduced). Llama's own `base_model_tp_plan`.
@@ -24,6 +34,23 @@ TP_STYLES = {
     "up_proj": "colwise",
     "down_proj": "rowwise",
 }
+
+
+def factor_weight_name(projection_path: str, factor: str) -> str:
+    """The parameter name of one factor's weight: ``("model.layers.0.self_attn.q_proj", "up")`` ->
+    ``"model.layers.0.self_attn.q_proj.up.weight"``."""
+    assert factor in LOWRANK_FACTOR_NAMES, factor
+    return f"{projection_path}.{factor}.weight"
+
+
+def long_dim(shape) -> int:
+    """The long dimension (0 or 1) of a 2-D factor of shape ``(rows, cols)``; a square one counts as tall (0).
+
+    The one orientation rule of the project: Spectron works on each factor's tall view (long × r), and FSDP2 shards
+    each factor along this dimension, so that every shard holds whole rows of that view.
+    """
+    rows, cols = shape
+    return 1 if rows < cols else 0
 
 
 class LowRankLlamaConfig(PretrainedConfig):
@@ -180,6 +207,19 @@ class LowRankLlamaConfig(PretrainedConfig):
         in_features, out_features = self.projection_shapes()[projection]
         return max(1, math.floor(self.rank_ratio * min(in_features, out_features)))
 
+    def projection_bias(self, projection: str) -> bool:
+        """Whether ``projection`` carries a bias: Llama's ``attention_bias`` for q/k/v/o, ``mlp_bias`` for the MLP."""
+        return bool(self.attention_bias if projection in ATTENTION_PROJECTIONS else self.mlp_bias)
+
+    def projection_parameters(self, projection: str, *, dense: bool = False, bias: bool = True) -> int:
+        """Parameters of ``projection`` in one layer: ``r·(in + out)`` when factorized, ``in·out`` when dense (or with
+        ``dense=True``: the dense counterpart), plus ``out`` for its bias unless ``bias=False``. Its forward pass
+        costs twice its weight parameters in flops per token."""
+        in_features, out_features = self.projection_shapes()[projection]
+        rank = None if dense else self.rank_for(projection)
+        weights = in_features * out_features if rank is None else rank * (in_features + out_features)
+        return weights + (out_features if bias and self.projection_bias(projection) else 0)
+
     @property
     def is_dense(self) -> bool:
         return len(self.lowrank_modules) == 0
@@ -200,9 +240,9 @@ class LowRankLlamaConfig(PretrainedConfig):
             if name not in self.lowrank_modules:
                 plan[key] = style
             elif style == "colwise":
-                plan[f"{key}.up"] = "colwise"
+                plan[f"{key}.{UP_FACTOR}"] = "colwise"
             else:
-                plan[f"{key}.down"] = "rowwise"
+                plan[f"{key}.{DOWN_FACTOR}"] = "rowwise"
         return plan
 
     # ------------------------------------------------------------------ validation
@@ -296,4 +336,50 @@ class LowRankLlamaConfig(PretrainedConfig):
                 )
 
 
-__all__ = ["LowRankLlamaConfig", "LOWRANK_PROJECTIONS", "LOWRANK_INITS", "TP_STYLES"]
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameters of a config, split by role, computed from the config alone (no model is built)."""
+
+    embeddings: int  # token embedding + LM head (once if tied)
+    projections: int  # the seven projections of every layer, factorized or dense
+    norms: int
+    dense_projections: int  # what the projections would hold if dense
+
+    @property
+    def total(self) -> int:
+        return self.embeddings + self.projections + self.norms
+
+    @property
+    def dense_total(self) -> int:
+        return self.embeddings + self.dense_projections + self.norms
+
+    @property
+    def compression(self) -> float:
+        """Total parameters relative to the dense counterpart (1.0 = no saving)."""
+        return self.total / self.dense_total
+
+
+def count_parameters(config: LowRankLlamaConfig) -> ParameterCount:
+    """The parameters of the model ``config`` describes, by role, and of its dense counterpart."""
+    embed = config.vocab_size * config.hidden_size
+    embeddings = embed if config.tie_word_embeddings else 2 * embed
+    norms = (2 * config.num_hidden_layers + 1) * config.hidden_size  # two RMSNorms per layer + the final one
+    projections = sum(config.projection_parameters(name) for name in LOWRANK_PROJECTIONS)
+    dense = sum(config.projection_parameters(name, dense=True) for name in LOWRANK_PROJECTIONS)
+    layers = config.num_hidden_layers
+    return ParameterCount(embeddings, projections * layers, norms, dense * layers)
+
+
+__all__ = [
+    "ATTENTION_PROJECTIONS",
+    "LOWRANK_FACTOR_NAMES",
+    "LOWRANK_INITS",
+    "LOWRANK_PROJECTIONS",
+    "MLP_PROJECTIONS",
+    "TP_STYLES",
+    "LowRankLlamaConfig",
+    "ParameterCount",
+    "count_parameters",
+    "factor_weight_name",
+    "long_dim",
+]

@@ -17,12 +17,12 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from .cli_support import CommandParser
 from .configuration_lowrank import LOWRANK_PROJECTIONS, LowRankLlamaConfig
+from .files import TOKENIZER_FILES
 from .modeling_lowrank import LowRankLinear, LowRankLlamaForCausalLM
 
 REPORT_NAME = "conversion_report.json"
-# Files whose presence in a local model folder means it carries a tokenizer worth copying.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Llama config fields that mean the same thing in LowRankLlamaConfig and are copied as they are.
 SHARED_FIELDS = (
     "vocab_size",
@@ -320,21 +320,21 @@ def check_destination(destination: Path, overwrite: bool) -> None:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="hf-lowrank convert",
         description="Convert a Llama checkpoint to a low-rank one (truncated SVD) or a low-rank one back to Llama.",
-        usage="hf-lowrank convert (--from-dense | --to-dense) SRC DST [options]",
+        usage="hf-lowrank convert (--from_dense | --to_dense) SRC DST [options]",
     )
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument(
-        "--from-dense",
+        "--from_dense",
         dest="direction",
         action="store_const",
         const="from_dense",
         help="SRC is a LlamaForCausalLM; write a LowRankLlamaForCausalLM.",
     )
     direction.add_argument(
-        "--to-dense",
+        "--to_dense",
         dest="direction",
         action="store_const",
         const="to_dense",
@@ -342,37 +342,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("source", metavar="SRC", help="Local folder or Hub model id.")
     parser.add_argument("destination", metavar="DST", type=Path, help="Output folder (created).")
-    parser.add_argument("--rank-ratio", type=float, default=0.25, help="Rank as a fraction of min(in, out).")
+    parser.add_argument("--rank_ratio", type=float, default=0.25, help="Rank as a fraction of min(in, out).")
     parser.add_argument("--rank", type=int, default=None, help="Absolute rank of every projection (overrides ratio).")
     parser.add_argument(
-        "--lowrank-modules",
+        "--lowrank_modules",
         default=None,
         help=f"Comma-separated projections to factorize (default: all of {','.join(LOWRANK_PROJECTIONS)}).",
     )
     parser.add_argument(
-        "--eval-files",
+        "--eval_files",
         nargs="+",
         type=Path,
         default=None,
         help="Held-out .txt/.json/.jsonl files: report perplexity before and after conversion.",
     )
-    parser.add_argument("--max-length", type=int, default=None, help="Perplexity window (default: model context).")
+    parser.add_argument("--max_length", type=int, default=None, help="Perplexity window (default: model context).")
     parser.add_argument("--stride", type=int, default=None, help="Perplexity stride (default: max_length // 2).")
-    parser.add_argument("--max-tokens", type=int, default=None, help="Evaluate at most this many tokens.")
+    parser.add_argument("--max_tokens", type=int, default=None, help="Evaluate at most this many tokens.")
     parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty DST.")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`hf-lowrank convert`; a bad argument or input raises `ValueError` (reported by `hf_lowrank.cli.main`)."""
     args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"hf-lowrank convert: error: {error}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     destination = args.destination
     if Path(args.source).resolve() == destination.resolve():
         raise ValueError("SRC and DST are the same folder; write the converted model elsewhere.")
@@ -384,7 +377,7 @@ def _run(args: argparse.Namespace) -> int:
         from .evaluation import load_eval_texts
 
         if tokenizer is None:
-            raise ValueError(f"--eval-files needs a tokenizer, and {args.source} has none.")
+            raise ValueError(f"--eval_files needs a tokenizer, and {args.source} has none.")
         texts = list(load_eval_texts(files=args.eval_files)[0])
 
     if args.direction == "from_dense":

@@ -11,7 +11,6 @@ exp(total NLL / total scored tokens), in nats, aggregated by the `evaluate` metr
 
 import argparse
 import json
-import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,11 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cli_support import CommandParser
+
 METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity.py"
 RESULTS_NAME = "eval_results.json"
 DEFAULT_BATCH_SIZE = 8
-# How `eval_results.json` names the built-in corpus: as `hf-lowrank pretrain` does, so model cards agree.
-BUILTIN_DATASET = "python-stdlib (built-in corpus)"
 
 
 def load_perplexity_metric():
@@ -199,7 +198,14 @@ def load_eval_texts(
     """
     from datasets import load_dataset
 
-    from .training.data import DataArguments, load_default_corpus, load_raw_datasets
+    # `eval_results.json` names the built-in corpus and local files as `hf-lowrank pretrain` does, so cards agree.
+    from .training.data import (
+        BUILTIN_DATASET,
+        LOCAL_FILES_DATASET,
+        DataArguments,
+        load_default_corpus,
+        load_raw_datasets,
+    )
 
     if files and dataset_name:
         raise ValueError("Give either evaluation files or a dataset name, not both.")
@@ -208,13 +214,14 @@ def load_eval_texts(
             train_files=[str(f) for f in files], validation_split_percentage=0, text_column=text_column
         )
         dataset = load_raw_datasets(data_args)["train"]
-        return dataset[text_column], {"dataset": "local files", "split": None, "files": [Path(f).name for f in files]}
+        names = [Path(f).name for f in files]
+        return dataset[text_column], {"dataset": LOCAL_FILES_DATASET, "split": None, "files": names}
     if dataset_name:
         dataset = load_dataset(dataset_name, dataset_config, split=split)
         if text_column not in dataset.column_names:
             raise ValueError(
                 f"Split {split!r} of {dataset_name!r} has no column {text_column!r}; its columns are "
-                f"{dataset.column_names}. Pass --text-column."
+                f"{dataset.column_names}. Pass --text_column."
             )
         return dataset[text_column], {"dataset": dataset_name, "dataset_config": dataset_config, "split": split}
     defaults = DataArguments()
@@ -224,27 +231,31 @@ def load_eval_texts(
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="hf-lowrank evaluate",
         description="Sliding-window perplexity of a causal LM on held-out text; writes eval_results.json.",
     )
     parser.add_argument("model", metavar="MODEL_DIR", help="Model folder (or Hub id, with --output).")
     source = parser.add_argument_group("text (default: the built-in corpus's held-out split)")
     source.add_argument("--files", nargs="+", default=None, help="Local .txt/.json/.jsonl files or globs.")
-    source.add_argument("--dataset-name", default=None, help="A `datasets` dataset on the Hub.")
-    source.add_argument("--dataset-config", default=None, help="Configuration of --dataset-name.")
-    source.add_argument("--split", default="validation", help="Split of --dataset-name (default: validation).")
-    source.add_argument("--text-column", default="text", help="Column holding the text (JSON files, Hub datasets).")
-    parser.add_argument("--tokenizer", default=None, help="Tokenizer folder or id (default: MODEL_DIR).")
-    parser.add_argument("--max-length", type=int, default=None, help="Window length (default: model context).")
+    source.add_argument("--dataset_name", default=None, help="A `datasets` dataset on the Hub.")
+    source.add_argument(
+        "--dataset_config_name", "--dataset_config", default=None, help="Configuration of --dataset_name."
+    )
+    source.add_argument("--split", default="validation", help="Split of --dataset_name (default: validation).")
+    source.add_argument("--text_column", default="text", help="Column holding the text (JSON files, Hub datasets).")
+    parser.add_argument(
+        "--tokenizer_name", "--tokenizer", default=None, help="Tokenizer folder or id (default: MODEL_DIR)."
+    )
+    parser.add_argument("--max_length", type=int, default=None, help="Window length (default: model context).")
     parser.add_argument("--stride", type=int, default=None, help="Window step (default: max_length // 2).")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="Windows per forward pass.")
-    parser.add_argument("--max-tokens", type=int, default=None, help="Evaluate at most this many tokens.")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="Windows per forward pass.")
+    parser.add_argument("--max_tokens", type=int, default=None, help="Evaluate at most this many tokens.")
     parser.add_argument(
         "--output", type=Path, default=None, help="Results file (default: MODEL_DIR/eval_results.json)."
     )
     parser.add_argument("--device", default=None, help="Device (default: cuda when available, else cpu).")
-    parser.add_argument("--trust-remote-code", action="store_true", help="Allow code shipped with the model.")
+    parser.add_argument("--trust_remote_code", action="store_true", help="Allow code shipped with the model.")
     return parser
 
 
@@ -266,37 +277,32 @@ def check_weights_loaded(model_name: str, loading: dict) -> None:
         raise ValueError(
             f"The weights in {model_name!r} do not fit its config: {'; '.join(parts)}. Nothing was evaluated. Check "
             "that config.json and the weights come from the same model (convert Llama weights with "
-            "`hf-lowrank convert --from-dense`)."
+            "`hf-lowrank convert --from_dense`)."
         )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"hf-lowrank evaluate: error: {error}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
+    """`hf-lowrank evaluate`; a bad argument or input raises `ValueError` (reported by `hf_lowrank.cli.main`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hf_lowrank  # noqa: F401  (registers the low-rank model with the Auto classes)
 
+    args = build_parser().parse_args(argv)
     output = args.output
     if output is None:
         if not Path(args.model).is_dir():
             raise ValueError(f"{args.model!r} is not a local folder; pass --output to say where results go.")
         output = Path(args.model) / RESULTS_NAME
-    texts, source = load_eval_texts(args.files, args.dataset_name, args.dataset_config, args.split, args.text_column)
+    texts, source = load_eval_texts(
+        args.files, args.dataset_name, args.dataset_config_name, args.split, args.text_column
+    )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(
             args.model, trust_remote_code=args.trust_remote_code, output_loading_info=True
         )
         tokenizer = AutoTokenizer.from_pretrained(
-            args.tokenizer or args.model, trust_remote_code=args.trust_remote_code
+            args.tokenizer_name or args.model, trust_remote_code=args.trust_remote_code
         )
     except OSError as error:
         raise ValueError(f"Cannot load the model or tokenizer from {args.model!r}: {error}") from None

@@ -28,19 +28,16 @@ from pathlib import Path
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    HfArgumentParser,
     Trainer,
     TrainingArguments,
     default_data_collator,
     set_seed,
 )
 
-from .configuration_lowrank import ATTENTION_PROJECTIONS, LOWRANK_PROJECTIONS
-from .modeling_lowrank import LOWRANK_FACTOR_NAMES
+from .cli_support import HfCommandParser
+from .configuration_lowrank import ATTENTION_PROJECTIONS, LOWRANK_FACTOR_NAMES, LOWRANK_PROJECTIONS, MLP_PROJECTIONS
 
 logger = logging.getLogger("hf_lowrank.finetune")
-
-MLP_PROJECTIONS = tuple(p for p in LOWRANK_PROJECTIONS if p not in ATTENTION_PROJECTIONS)
 
 
 def lora_target_modules(target: str) -> list[str]:
@@ -48,8 +45,7 @@ def lora_target_modules(target: str) -> list[str]:
     factors = LOWRANK_FACTOR_NAMES
     presets = {
         "factors": [f"{p}.{f}" for p in LOWRANK_PROJECTIONS for f in factors],
-        "up": [f"{p}.up" for p in LOWRANK_PROJECTIONS],
-        "down": [f"{p}.down" for p in LOWRANK_PROJECTIONS],
+        **{f: [f"{p}.{f}" for p in LOWRANK_PROJECTIONS] for f in factors},  # "down", "up"
         "attention": [f"{p}.{f}" for p in ATTENTION_PROJECTIONS for f in factors],
         "mlp": [f"{p}.{f}" for p in MLP_PROJECTIONS for f in factors],
     }
@@ -149,8 +145,7 @@ def run(finetune_args: FinetuneArguments, data_args, training_args: TrainingArgu
 def main(argv: list[str] | None = None) -> int:
     from .training.data import DataArguments
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    parser = HfArgumentParser((FinetuneArguments, DataArguments, TrainingArguments), prog="hf-lowrank finetune")
+    parser = HfCommandParser((FinetuneArguments, DataArguments, TrainingArguments), prog="hf-lowrank finetune")
     finetune_args, data_args, training_args = parser.parse_args_into_dataclasses(
         args=sys.argv[1:] if argv is None else list(argv)
     )

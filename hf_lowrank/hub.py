@@ -6,12 +6,10 @@ card, plots and the training/evaluation records. The Hub applies a commit whole 
 leaves the branch as it was.
 """
 
-import argparse
 import json
 import os
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,14 +20,15 @@ from huggingface_hub.utils import validate_repo_id
 from . import __version__
 from .cards import (
     EVAL_RESULTS,
-    TOKENIZER_FILES,
     TRAINING_SUMMARY,
     load_lowrank_config,
     plot_files,
     render_model_card,
 )
+from .cli_support import CommandParser
+from .configuration_lowrank import count_parameters
+from .files import TOKENIZER_FILES
 from .modeling_lowrank import AUTO_CLASSES
-from .presets import count_parameters
 
 PACKAGE_DIR = Path(__file__).parent
 CODE_FILES = ("configuration_lowrank.py", "modeling_lowrank.py")
@@ -261,34 +260,30 @@ def push_to_hub(
 
 def main(argv: list[str] | None = None) -> int:
     """`hf-lowrank push`: publish a saved model to the Hugging Face Hub in one commit, with a generated card."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="hf-lowrank push",
         description=main.__doc__,
         epilog="The token comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects another Hub.",
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="folder written by save_pretrained")
-    parser.add_argument("--repo-id", required=True, metavar="ORG/NAME", help="target model repository")
+    parser.add_argument("--repo_id", required=True, metavar="ORG/NAME", help="target model repository")
     parser.add_argument("--private", action="store_true", help="create the repository private (if it is new)")
     parser.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created if missing; default main)")
-    parser.add_argument("--commit-message", metavar="MSG", help="commit title")
+    parser.add_argument("--commit_message", metavar="MSG", help="commit title")
     parser.add_argument(
-        "--dry-run", metavar="DIR", help="write the files that would be uploaded to DIR; upload nothing"
+        "--dry_run", metavar="DIR", help="write the files that would be uploaded to DIR; upload nothing"
     )
     parser.add_argument("--license", default="apache-2.0", help="Hub license id of the weights (default apache-2.0)")
     args = parser.parse_args(argv)
-    try:
-        result = push_to_hub(
-            args.model_dir,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.commit_message,
-            dry_run_dir=args.dry_run,
-            license=args.license,
-        )
-    except (ValueError, PushError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    result = push_to_hub(
+        args.model_dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        dry_run_dir=args.dry_run,
+        license=args.license,
+    )
     if isinstance(result, Path):
         names = sorted(str(p.relative_to(result)) for p in result.rglob("*") if p.is_file())
         print(f"Dry run: wrote the {len(names)} files of the upload to {result} (nothing was uploaded):")

@@ -33,11 +33,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_lowrank import LowRankLlamaConfig
-
-# The two factors of every LowRankLinear, declared once: the optimizer router, PEFT targeting, conversion
-# and the tests all read this tuple. `down` maps in_features -> r, `up` maps r -> out_features.
-LOWRANK_FACTOR_NAMES = ("down", "up")
+from .configuration_lowrank import ATTENTION_PROJECTIONS, LOWRANK_FACTOR_NAMES, MLP_PROJECTIONS, LowRankLlamaConfig
 
 # transformers renamed the KV-cache argument and output field from `past_key_values` to `cache` during 5.x;
 # the GPU machines we run on have both kinds of release, so accept and return whichever this one uses.
@@ -191,10 +187,10 @@ def _haar_frame(rows: int, rank: int, device=None) -> torch.Tensor:
     return frame
 
 
-def make_projection(config: LowRankLlamaConfig, name: str, bias: bool) -> nn.Module:
+def make_projection(config: LowRankLlamaConfig, name: str) -> nn.Module:
     """A ``LowRankLinear`` when ``name`` is factorized by ``config``, else a dense ``nn.Linear``."""
     in_features, out_features = config.projection_shapes()[name]
-    rank = config.rank_for(name)
+    rank, bias = config.rank_for(name), config.projection_bias(name)
     if rank is None:
         return nn.Linear(in_features, out_features, bias=bias)
     return LowRankLinear(in_features, out_features, rank, bias=bias)
@@ -390,8 +386,8 @@ class LowRankLlamaAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            setattr(self, name, make_projection(config, name, bias=config.attention_bias))
+        for name in ATTENTION_PROJECTIONS:
+            setattr(self, name, make_projection(config, name))
 
     @_accept_past_key_values
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache: Cache | None = None, **kwargs):
@@ -428,8 +424,8 @@ class LowRankLlamaMLP(nn.Module):
 
     def __init__(self, config: LowRankLlamaConfig):
         super().__init__()
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(self, name, make_projection(config, name, bias=config.mlp_bias))
+        for name in MLP_PROJECTIONS:
+            setattr(self, name, make_projection(config, name))
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):

@@ -154,7 +154,7 @@ def _check_rank_fits(name: str, module: nn.Module, rank: int) -> None:
         raise ValueError(
             f"Merging into {name} would give rank {rank} >= min(in, out) = "
             f"{min(module.in_features, module.out_features)}: no longer a factorization. Use a smaller LoRA r, "
-            "or merge into the dense model (`hf-lowrank convert --to-dense`, then load the adapter there)."
+            "or merge into the dense model (`hf-lowrank convert --to_dense`, then load the adapter there)."
         )
 
 

@@ -1,8 +1,10 @@
-"""Model presets (data, not code) and parameter accounting."""
+"""Model presets (data, not code) and their parameter table; the counting itself is the config's
+(`count_parameters`, importable from here too)."""
 
-from dataclasses import dataclass
+from .cli_support import CommandParser
+from .configuration_lowrank import LowRankLlamaConfig, ParameterCount, count_parameters
 
-from .configuration_lowrank import LowRankLlamaConfig
+__all__ = ["PRESETS", "ParameterCount", "count_parameters", "dense_counterpart", "parameter_table", "preset_config"]
 
 # Research shapes of LLaMA-60M/130M/350M/1B as used by GaLore, CoLA and SLTrain (vocab 32000, context 256),
 # plus `tiny` for tests and `small` for CPU-sized runs (the default main job).
@@ -71,46 +73,6 @@ def dense_counterpart(config: LowRankLlamaConfig) -> LowRankLlamaConfig:
     return LowRankLlamaConfig(**{**config.to_diff_dict(), "lowrank_modules": [], "rank_overrides": {}})
 
 
-@dataclass(frozen=True)
-class ParameterCount:
-    """Parameters of a config, split by role, computed from the config alone (no model is built)."""
-
-    embeddings: int  # token embedding + LM head (once if tied)
-    projections: int  # the seven projections of every layer, factorized or dense
-    norms: int
-    dense_projections: int  # what the projections would hold if dense
-
-    @property
-    def total(self) -> int:
-        return self.embeddings + self.projections + self.norms
-
-    @property
-    def dense_total(self) -> int:
-        return self.embeddings + self.dense_projections + self.norms
-
-    @property
-    def compression(self) -> float:
-        """Total parameters relative to the dense counterpart (1.0 = no saving)."""
-        return self.total / self.dense_total
-
-
-def count_parameters(config: LowRankLlamaConfig) -> ParameterCount:
-    embed = config.vocab_size * config.hidden_size
-    embeddings = embed if config.tie_word_embeddings else 2 * embed
-    norms = (2 * config.num_hidden_layers + 1) * config.hidden_size
-    projections = dense = 0
-    for name, (in_features, out_features) in config.projection_shapes().items():
-        bias = config.attention_bias if name in ("q_proj", "k_proj", "v_proj", "o_proj") else config.mlp_bias
-        bias_params = out_features if bias else 0
-        rank = config.rank_for(name)
-        dense += in_features * out_features + bias_params
-        projections += (
-            in_features * out_features if rank is None else rank * (in_features + out_features)
-        ) + bias_params
-    layers = config.num_hidden_layers
-    return ParameterCount(embeddings, projections * layers, norms, dense * layers)
-
-
 def parameter_table(names=None) -> str:
     """A markdown table of presets: factorized vs dense parameters."""
     rows = ["| preset | factorized | dense | ratio | non-embedding ratio |", "| --- | ---: | ---: | ---: | ---: |"]
@@ -125,9 +87,6 @@ def parameter_table(names=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`hf-lowrank presets`: print the parameter table of every preset."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="hf-lowrank presets", description=main.__doc__)
-    parser.parse_args(argv)
+    CommandParser(prog="hf-lowrank presets", description=main.__doc__).parse_args(argv)
     print(parameter_table())
     return 0

@@ -3,7 +3,7 @@
 
 import sys
 
-from hf_lowrank.evaluation import main
+from hf_lowrank.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -3,7 +3,7 @@
 
 import sys
 
-from hf_lowrank.finetune import main
+from hf_lowrank.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["finetune", *sys.argv[1:]]))

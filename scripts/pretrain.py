@@ -4,7 +4,7 @@
 
 import sys
 
-from hf_lowrank.training.pretrain import main
+from hf_lowrank.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["pretrain", *sys.argv[1:]]))

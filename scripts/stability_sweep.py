@@ -1,12 +1,13 @@
-"""Stability sweep of the paper's ablation (dense, naive low-rank AdamW, orthogonalization only, renormalization
-only, Spectron, Spectron + re-balancing) over learning rates; see docs/stability.md.
+#!/usr/bin/env python
+"""Thin entry point: `python scripts/stability_sweep.py [args]` == `hf-lowrank stability-study [args]`: the
+paper's ablation over learning rates (see docs/stability.md), e.g.
 
     python scripts/stability_sweep.py --out docs/results/stability
 """
 
 import sys
 
-from hf_lowrank.experiments.sweep import main
+from hf_lowrank.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["stability-study", *sys.argv[1:]]))

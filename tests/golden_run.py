@@ -55,7 +55,8 @@ def golden_runs() -> dict:
                 dataloader_pin_memory=False,
             )  # fmt: skip
             trainer = build_trainer(
-                model, args, OptimizerArguments(optimizer=optimizer), RunArguments(diagnostics_steps=2),
+                model, args, OptimizerArguments(optimizer=optimizer, adamw_learning_rate=None if optimizer == "adamw" else 1e-3),
+                RunArguments(diagnostics_steps=2),
                 train_dataset=train,
             )  # fmt: skip
             trainer.remove_callback(PrinterCallback)

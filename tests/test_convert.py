@@ -238,6 +238,7 @@ def test_cli_from_dense_with_perplexity_and_refusals(tmp_path, tokenizer, capsys
     assert not any((tmp_path / name).exists() for name in ("out1", "out2", "out3"))
 
 
+@pytest.mark.slow
 def test_cli_to_dense_loads_with_plain_transformers(tmp_path, tokenizer):
     torch.manual_seed(0)
     lowrank = LowRankLlamaForCausalLM(preset_config("tiny", vocab_size=VOCAB, eos_token_id=0)).eval()

@@ -31,8 +31,9 @@ def corpus():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(corpus):
-    return train_bpe_tokenizer(iter(corpus["train"]["text"]), vocab_size=512)
+def tokenizer(tiny_tokenizer):
+    """A BPE of the built-in corpus, vocabulary 512 (trained once per session, in conftest)."""
+    return tiny_tokenizer
 
 
 def write(path: Path, text: str) -> str:
@@ -170,17 +171,18 @@ def test_streaming_yields_blocks(tmp_path):
     assert next(iter(eval_blocks))["input_ids"]
 
 
-def test_build_datasets_default_corpus_and_data_arguments_cli(tmp_path):
+def test_build_datasets_default_corpus_and_data_arguments_cli(tiny_data):
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(DataArguments).parse_args_into_dataclasses(
         ["--max_corpus_bytes", str(SMALL_CAP), "--tokenizer_vocab_size", "512", "--block_size", "64"]
     )
+    assert (args.max_corpus_bytes, args.tokenizer_vocab_size, args.block_size) == (SMALL_CAP, 512, 64)
     config = preset_config("tiny")
-    block_size = resolve_block_size(args, config)
-    tokenizer, train, evaluation = build_datasets(args, tmp_path, block_size, config=config)
+    assert resolve_block_size(args, config) == 64
+    _, train, evaluation = tiny_data  # build_datasets on the built-in corpus, block size 64 (conftest)
     assert len(train) > 100 and len(evaluation) > 0
-    assert len(train[0]["input_ids"]) == 64
+    assert all(len(ids) == 64 for ids in train[:8]["input_ids"])
     with pytest.raises(ValueError, match="max_position_embeddings"):
         resolve_block_size(DataArguments(block_size=4096), config)
 

@@ -45,7 +45,7 @@ ACCELERATE_CPU = (
 SINGLE_PROCESS = (
     f"hf-lowrank pretrain --use_cpu {TINY} --per_device_train_batch_size 8 --max_steps 6 --output_dir runs/tiny-single"
 )
-TRAFFIC_REPORT = "python scripts/bench.py --traffic-report"
+TRAFFIC_REPORT = "python scripts/bench.py --traffic_report"
 
 
 def _env(**extra) -> dict[str, str]:

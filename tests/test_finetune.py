@@ -10,16 +10,14 @@ from transformers import AutoModelForCausalLM
 from hf_lowrank import LowRankLlamaForCausalLM, preset_config
 from hf_lowrank.cli import main
 from hf_lowrank.finetune import lora_target_modules
-from hf_lowrank.training.data import load_default_corpus
-from hf_lowrank.training.tokenizer import train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory):
+def base_model(tmp_path_factory, tiny_tokenizer):
     """A tiny factorized model with a tokenizer, saved as `hf-lowrank pretrain` would."""
     folder = tmp_path_factory.mktemp("base")
-    corpus = load_default_corpus(max_bytes=200_000)
-    tokenizer = train_bpe_tokenizer(iter([corpus["train"]["text"]]), vocab_size=512, save_dir=folder)
+    tokenizer = tiny_tokenizer
+    tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = preset_config("tiny", eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LowRankLlamaForCausalLM(config).save_pretrained(folder)
@@ -89,28 +87,14 @@ def test_finetune_cli_adapter_reload_and_merge(base_model, tmp_path, target):
         torch.testing.assert_close(merged(ids).logits, adapted_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_target_matching_nothing_is_a_clear_error(base_model, tmp_path):
-    with pytest.raises(ValueError, match="matches no module"):
-        main(
-            [
-                "finetune",
-                "--model_name_or_path",
-                str(base_model),
-                "--output_dir",
-                str(tmp_path),
-                "--lora_target",
-                "nonexistent_proj",
-                "--max_steps",
-                "1",
-                "--use_cpu",
-                "--max_corpus_bytes",
-                "200000",
-                "--block_size",
-                "64",
-            ]
-        )
+def test_target_matching_nothing_is_a_clear_error(base_model, tmp_path, capsys):
+    argv = ["--model_name_or_path", str(base_model), "--output_dir", str(tmp_path), "--lora_target", "nonexistent_proj"]
+    options = ["--max_steps", "1", "--use_cpu", "--max_corpus_bytes", "200000", "--block_size", "64"]
+    assert main(["finetune", *argv, *options]) == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]  # after the data preparation's progress bars
+    assert last_line.startswith("hf-lowrank finetune: error: --lora_target 'nonexistent_proj' matches no module")
 
 
-def test_missing_model_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such folder"):
-        main(["finetune", "--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")])
+def test_missing_model_folder(tmp_path, capsys):
+    assert main(["finetune", "--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "hf-lowrank finetune: error: --model_name_or_path" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import MODEL_VARIANTS, tiny_model
 from safetensors.torch import load_file
 from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -9,18 +10,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from hf_lowrank import LOWRANK_FACTOR_NAMES, LowRankLinear, LowRankLlamaForCausalLM, LowRankLlamaModel, preset_config
 from hf_lowrank.presets import dense_counterpart
 
-VARIANTS = {
-    "lowrank": {},
-    "dense": {"lowrank_modules": []},
-    "mixed": {"lowrank_modules": ["q_proj", "o_proj", "down_proj"], "rank_overrides": {"down_proj": 5}},
-    "normal_init_tied": {"lowrank_init": "normal", "tie_word_embeddings": True},
-    "mha": {"num_key_value_heads": 4},
-}
+VARIANTS = MODEL_VARIANTS
 
 
 def build(variant="lowrank", seed=0, **extra):
-    torch.manual_seed(seed)
-    return LowRankLlamaForCausalLM(preset_config("tiny", **VARIANTS[variant], **extra)).eval()
+    return tiny_model(variant, seed, **extra).eval()
 
 
 def tokens(batch=2, length=12, seed=1, vocab=512):
@@ -77,8 +71,10 @@ def test_shapes_ranks_and_names(variant):
                 assert isinstance(module, LowRankLinear) and module.rank == rank
                 assert module.up.weight.shape == (fan_out, rank) and module.down.weight.shape == (rank, fan_in)
     names = dict(model.named_parameters())
-    assert "model.layers.0.self_attn.q_proj.up.weight" in names or variant == "dense"
-    assert "model.layers.1.mlp.down_proj.weight" in names or "model.layers.1.mlp.down_proj.down.weight" in names
+    for name in ("self_attn.q_proj", "mlp.down_proj"):  # Llama's names, with up/down children when factorized
+        factorized = config.rank_for(name.split(".")[1]) is not None
+        suffixes = ("up.weight", "down.weight") if factorized else ("weight",)
+        assert all(f"model.layers.1.{name}.{suffix}" in names for suffix in suffixes), (variant, name)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

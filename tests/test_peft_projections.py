@@ -126,6 +126,7 @@ def test_merge_adapter_and_unmerge_round_trip(trained):
     assert torch.equal(layer.base_layer.up.weight, before[0]) and torch.equal(layer.base_layer.down.weight, before[1])
 
 
+@pytest.mark.slow
 def test_remote_code_process_applies_the_adapter(trained, tmp_path):
     base, adapter, model = trained
     result = subprocess.run(
@@ -167,13 +168,10 @@ def test_unrepresentable_merge_is_refused_before_changing_anything(lora, message
     assert not any(m.merged for m in peft_model.modules() if isinstance(m, LowRankLoraLinear))
 
 
-def test_finetune_cli_on_projection_names(tmp_path):
-    from hf_lowrank.training.data import load_default_corpus
-    from hf_lowrank.training.tokenizer import train_bpe_tokenizer
-
+def test_finetune_cli_on_projection_names(tmp_path, tiny_tokenizer):
     base = tmp_path / "base"
-    corpus = load_default_corpus(max_bytes=200_000)
-    tokenizer = train_bpe_tokenizer(iter([corpus["train"]["text"]]), vocab_size=512, save_dir=base)
+    tokenizer = tiny_tokenizer
+    tokenizer.save_pretrained(base)
     torch.manual_seed(0)
     config = preset_config("tiny", eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     LowRankLlamaForCausalLM(config).save_pretrained(base)

@@ -26,14 +26,7 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
+@pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_the_rerun_matches_an_uninterrupted_run(tmp_path):
     reference = tmp_path / "reference"
     run(*parse_args(["--output_dir", str(reference), *TINY]))
@@ -87,6 +80,7 @@ def _rank(rank, rendezvous, signalled, results):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signalled", [0, 1])
 def test_every_rank_stops_at_the_same_step(tmp_path, signalled):
     fork = multiprocessing.get_context("fork")

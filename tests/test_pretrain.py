@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments,
 import hf_lowrank
 from hf_lowrank import LowRankLlamaForCausalLM, preset_config
 from hf_lowrank.training.arguments import OptimizerArguments
-from hf_lowrank.training.data import DataArguments, build_datasets
 from hf_lowrank.training.diagnostics import LossSpikeDetector, SpectralDiagnosticsCallback
 from hf_lowrank.training.pretrain import build_config, parse_args
 from hf_lowrank.training.trainer import LowRankTrainer
@@ -33,17 +32,6 @@ TINY_RUN = [
     "--sample_tokens",
     "12",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """Tokenizer and packed blocks of the built-in corpus, small enough for seconds-long Trainer runs."""
-    out = tmp_path_factory.mktemp("data")
-    args = DataArguments(max_corpus_bytes=250_000, block_size=64)
-    tokenizer, train, evaluation = build_datasets(
-        args, output_dir=str(out), block_size=64, config=preset_config("tiny")
-    )
-    return tokenizer, train, evaluation
 
 
 def make_trainer(tmp_path, tiny_data, optimizer="spectron", callbacks=None, **overrides):
@@ -117,7 +105,7 @@ def test_cli_end_to_end(tmp_path):
     ids = tokenizer("import os\n", return_tensors="pt").input_ids
     generated = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] == ids.shape[1] + 8
-    assert isinstance(tokenizer.decode(generated[0]), str)
+    assert tokenizer.decode(generated[0]).startswith("import os\n")  # byte-level BPE: the prompt round-trips
 
 
 def test_trainer_lowers_loss_and_saves_tensor_only_optimizer_state(tmp_path, tiny_data):

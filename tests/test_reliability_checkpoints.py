@@ -11,12 +11,12 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file
 from transformers import TrainingArguments, default_data_collator
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_lowrank import LowRankLlamaForCausalLM, preset_config
 from hf_lowrank.training.arguments import OptimizerArguments
 from hf_lowrank.training.checkpointing import (
     CRASH_ENV,
@@ -32,7 +32,6 @@ from hf_lowrank.training.checkpointing import (
     verify_checkpoint,
     write_manifest,
 )
-from hf_lowrank.training.data import DataArguments, build_datasets
 from hf_lowrank.training.trainer import LowRankTrainer
 
 PRETRAIN = [
@@ -42,27 +41,9 @@ PRETRAIN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads competing with other jobs make these
-    runs 10-30x slower. Module-scoped, so that it also covers the module-scoped runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    args = DataArguments(max_corpus_bytes=250_000, block_size=64)
-    return build_datasets(args, output_dir=str(out), block_size=64, config=preset_config("tiny"))
-
-
 def make_trainer(output_dir, tiny_data, optimizer="spectron", **overrides):
     tokenizer, train, evaluation = tiny_data
-    torch.manual_seed(0)
-    model = LowRankLlamaForCausalLM(preset_config("tiny"))
+    model = tiny_model()
     args = dict(
         output_dir=str(output_dir),
         max_steps=4,
@@ -120,6 +101,7 @@ def _pretrain_child(output_dir, max_steps, stage):
     run(*parse_args(["--output_dir", str(output_dir), "--max_steps", str(max_steps), *PRETRAIN]))
 
 
+@pytest.mark.slow
 def test_killed_at_every_save_stage_resumes_from_the_last_complete_checkpoint(tmp_path):
     out = tmp_path / "run"
     fork = multiprocessing.get_context("fork")

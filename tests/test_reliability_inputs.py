@@ -20,16 +20,6 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads competing with other jobs make these
-    runs 10-30x slower. Module-scoped, so that it also covers the module-scoped runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------- R12
 def factor_pair(case, dtype):
     g = torch.Generator().manual_seed(0)

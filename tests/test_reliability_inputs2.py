@@ -25,14 +25,6 @@ TINY = [
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------- refused up front
 BAD_ARGUMENTS = [
     (["--block_size", "1"], "`block_size` must be at least 2"),
@@ -74,6 +66,7 @@ def pretrain_cli(args, **kwargs):
     "overrides",
     ["num_hidden_layers=1000000", "vocab_size=2000000000", "hidden_size=1048576,intermediate_size=4194304"],
 )
+@pytest.mark.slow
 def test_a_config_too_large_for_memory_is_refused_with_the_estimate(tmp_path, overrides):
     out = tmp_path / "out"
     result = pretrain_cli(["--output_dir", str(out), "--config_overrides", overrides])
@@ -85,6 +78,7 @@ def test_a_config_too_large_for_memory_is_refused_with_the_estimate(tmp_path, ov
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_typo_in_config_overrides_fails_the_cli(tmp_path):
     out = tmp_path / "out"
     result = pretrain_cli(["--output_dir", str(out), "--config_overrides", "hiden_size=128"])
@@ -169,6 +163,7 @@ def test_the_tokenizer_is_saved_atomically_and_a_torn_one_is_named(tmp_path, mon
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
+@pytest.mark.slow
 def test_evaluate_refuses_weights_that_do_not_fit_the_config(tmp_path):
     model_dir = tmp_path / "model"
     torch.manual_seed(0)

@@ -33,14 +33,6 @@ TINY = [
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cli(out, *extra) -> list[str]:
     return [sys.executable, "-m", "hf_lowrank.cli", "pretrain", "--output_dir", str(out), *TINY, *extra]
 
@@ -69,6 +61,7 @@ def finished_run(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------- R19
+@pytest.mark.slow
 def test_rerunning_a_finished_command_changes_nothing_and_says_so(finished_run, tmp_path):
     out = Path(shutil.copytree(finished_run, tmp_path / "run"))
     before = fingerprint(out)
@@ -149,6 +142,7 @@ def _wait_for_holder(lock: Path, timeout=120) -> dict:
     raise AssertionError(f"{lock} was never written")
 
 
+@pytest.mark.slow
 def test_a_second_run_in_the_same_folder_is_refused_and_a_dead_holder_is_taken_over(tmp_path, caplog):
     out = tmp_path / "run"
     first = subprocess.Popen(

@@ -24,25 +24,9 @@ from hf_lowrank.training.checkpointing import (
     verify_checkpoint,
     write_manifest,
 )
-from hf_lowrank.training.data import DataArguments, build_datasets
 from hf_lowrank.training.diagnostics import LossSpikeDetector
 from hf_lowrank.training.guards import NonFiniteTrainingError, StepGuard
 from hf_lowrank.training.trainer import LowRankTrainer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    args = DataArguments(max_corpus_bytes=250_000, block_size=64)
-    return build_datasets(args, output_dir=str(out), block_size=64, config=preset_config("tiny"))
 
 
 class PoisonTrainer(LowRankTrainer):

@@ -10,33 +10,15 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 
-from hf_lowrank import LowRankLlamaForCausalLM, preset_config
 from hf_lowrank.training.arguments import OptimizerArguments
 from hf_lowrank.training.checkpointing import verify_checkpoint
-from hf_lowrank.training.data import DataArguments, build_datasets
 from hf_lowrank.training.diagnostics import LossSpikeDetector
 from hf_lowrank.training.guards import APPLY, ROLLBACK, SKIP, NonFiniteTrainingError, StepGuard
 from hf_lowrank.training.trainer import LowRankTrainer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two OpenMP threads competing with other jobs make these
-    runs 10-30x slower. Module-scoped, so that it also covers the module-scoped runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    args = DataArguments(max_corpus_bytes=250_000, block_size=64)
-    return build_datasets(args, output_dir=str(out), block_size=64, config=preset_config("tiny"))
 
 
 class RecordingTrainer(LowRankTrainer):
@@ -91,8 +73,7 @@ def states_equal(a: dict, b: dict) -> bool:
 
 def make_trainer(output_dir, tiny_data, train_blocks=None, guard=None, poison=None, callbacks=(), **overrides):
     tokenizer, train, evaluation = tiny_data
-    torch.manual_seed(0)
-    model = LowRankLlamaForCausalLM(preset_config("tiny"))
+    model = tiny_model()
     args = dict(
         output_dir=str(output_dir),
         max_steps=6,

@@ -69,6 +69,7 @@ def test_save_writes_auto_map_and_code(tmp_path):
     assert (tmp_path / "configuration_lowrank.py").read_text() == (PACKAGE / "configuration_lowrank.py").read_text()
 
 
+@pytest.mark.slow
 def test_remote_code_load_without_package_gives_identical_logits(tmp_path):
     torch.manual_seed(0)
     model = LowRankLlamaForCausalLM(preset_config("tiny")).eval()
@@ -154,6 +155,7 @@ def test_auto_map_lists_every_registered_class(tmp_path):
             assert getattr(__import__("transformers"), auto_name)._model_mapping[type(preset_config("tiny"))]
 
 
+@pytest.mark.slow
 def test_remote_code_base_model_heads_pipeline_and_label_smoothing_without_package(tmp_path):
     torch.manual_seed(0)
     model = LowRankLlamaForCausalLM(preset_config("tiny", pad_token_id=0)).eval()

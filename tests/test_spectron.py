@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from conftest import SPECTRON_VARIANTS
 
 from hf_lowrank.optim import (
     Spectron,
@@ -20,12 +21,7 @@ from hf_lowrank.optim import (
 
 OUT, RANK, IN = 96, 12, 80
 LR = 0.05
-VARIANTS = {
-    "spectron": {},
-    "muon": {"renormalize": False},
-    "renorm": {"orthogonalize": False},
-    "neither": {"orthogonalize": False, "renormalize": False},
-}
+VARIANTS = SPECTRON_VARIANTS
 
 
 def gen(seed):

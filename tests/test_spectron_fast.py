@@ -8,17 +8,13 @@ import io
 
 import pytest
 import torch
+from conftest import SPECTRON_VARIANTS
 
 from hf_lowrank import LowRankLlamaForCausalLM, build_optimizer, preset_config
 from hf_lowrank.optim import NS_COEFFICIENTS, Spectron, init_spectron_state, newton_schulz, spectron_pair_update
 from hf_lowrank.optim.batched import newton_schulz_many, spectron_update_batched
 
-VARIANTS = {
-    "spectron": {},
-    "muon": {"renormalize": False},
-    "renorm": {"orthogonalize": False},
-    "neither": {"orthogonalize": False, "renormalize": False},
-}
+VARIANTS = SPECTRON_VARIANTS
 
 
 def gen(seed):

@@ -36,6 +36,7 @@ def study(tmp_path_factory, cache_dir):
     return out, result, lines
 
 
+@pytest.mark.slow
 def test_study_writes_the_summary_report_and_plots(study):
     out, result, lines = study
     settings = smoke_settings()
@@ -64,6 +65,7 @@ def test_study_writes_the_summary_report_and_plots(study):
     assert "| low-rank + Spectron |" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_records_carry_the_mechanism_curves(study):
     out, _, _ = study
     record = json.loads((out / "runs" / "spectron_lr0.1_seed0_steps12.json").read_text())
@@ -77,6 +79,7 @@ def test_records_carry_the_mechanism_curves(study):
     assert all(v > 0 for v in dense["diagnostics"]["weight_norm_max"])
 
 
+@pytest.mark.slow
 def test_a_run_continued_from_the_rung_equals_the_run_trained_straight(study, tmp_path, cache_dir):
     out, _, _ = study
     settings = smoke_settings()
@@ -89,6 +92,7 @@ def test_a_run_continued_from_the_rung_equals_the_run_trained_straight(study, tm
     assert straight["final_loss"] == continued["final_loss"]
 
 
+@pytest.mark.slow
 def test_a_second_call_trains_nothing_and_an_interrupted_study_ends_the_same(study, tmp_path, cache_dir):
     out, result, _ = study
     settings = smoke_settings()
@@ -112,6 +116,7 @@ def _losses(tree):
     return tree
 
 
+@pytest.mark.slow
 def test_a_record_lost_after_its_checkpoint_is_rebuilt_without_training(study, tmp_path, cache_dir):
     settings = dataclasses.replace(smoke_settings(), lr_grids={"spectron": (0.1,)})
     data_dir, _ = prepare_data(settings, cache_dir)

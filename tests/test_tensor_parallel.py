@@ -10,22 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import LlamaConfig
 
 from hf_lowrank import LowRankLlamaForCausalLM, preset_config
 from hf_lowrank.configuration_lowrank import LOWRANK_PROJECTIONS
 
 SCRIPT = Path(__file__).resolve().parent / "dist_scripts" / "tp_plan_parity.py"
-VARIANTS = {
-    "lowrank": {},
-    "dense": {"lowrank_modules": []},
-    "mixed": {"lowrank_modules": ["q_proj", "o_proj", "down_proj"], "rank_overrides": {"down_proj": 5}},
-}
+VARIANTS = ("lowrank", "dense", "mixed")  # of conftest.MODEL_VARIANTS: those whose sharding differs
 
 
 def build(variant):
-    torch.manual_seed(0)
-    return LowRankLlamaForCausalLM(preset_config("tiny", **VARIANTS[variant])).eval()
+    return tiny_model(variant).eval()
 
 
 def test_dense_baseline_has_llamas_plan():

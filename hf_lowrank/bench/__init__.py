@@ -1,7 +1,7 @@
 """Benchmarks of the factorized model against its dense counterpart: training throughput vs the FLOP ideal,
 Spectron vs AdamW, training memory and generation speed (``scripts/bench.py``, docs/benchmarks.md), the GPU
 check (``scripts/gpu_check.py``), and Spectron's FSDP2 traffic, modelled and counted (``traffic.py``,
-``scripts/bench.py --traffic-report``, docs/distributed.md).
+``scripts/bench.py --traffic_report``, docs/distributed.md).
 
 Timing on a shared CPU: run with ``OMP_WAIT_POLICY=PASSIVE`` (``scripts/bench.py`` sets it unless it is set). With
 OpenMP's default spin-waiting, threads of a process that shares its cores with others burn their time slices

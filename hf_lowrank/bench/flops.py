@@ -4,22 +4,19 @@ Conventions (stated once, used everywhere in the benchmark):
 
 * a matmul of (m × k) by (k × n) costs 2·m·k·n flops; elementwise work, norms, softmax and the embedding lookup
   count zero (they cost time, not flops, and are the same in both models);
-* per token and layer, every projection costs ``2·in·out`` if dense and ``2·r·(in + out)`` if factorized, the LM
-  head ``2·hidden·vocab``, and attention ``4·ctx·heads·head_dim`` (QKᵀ and AV over ``ctx`` keys);
+* per token and layer, every projection costs twice its weight parameters (``LowRankLlamaConfig.projection_parameters``
+  without bias): ``2·in·out`` if dense and ``2·r·(in + out)`` if factorized; the LM head ``2·hidden·vocab``, and attention ``4·ctx·heads·head_dim`` (QKᵀ and AV over ``ctx`` keys);
 * training costs 3× the forward pass (backward = 2× forward), the optimizer is not counted;
 * a causal model attends on average to ``(T + 1)/2`` keys per token of a length-T sequence (what a causal kernel
   computes; PaLM's ``6N + 12·L·d·T`` counts T, which raises both models equally and lowers the ideal by ~1%).
 """
 
-from ..configuration_lowrank import LowRankLlamaConfig
+from ..configuration_lowrank import LOWRANK_PROJECTIONS, LowRankLlamaConfig
 
 
 def projection_flops(config: LowRankLlamaConfig) -> int:
     """Forward flops per token of all projections of all layers (factorized or dense, as ``config`` says)."""
-    per_layer = 0
-    for name, (in_features, out_features) in config.projection_shapes().items():
-        rank = config.rank_for(name)
-        per_layer += 2 * (in_features * out_features if rank is None else rank * (in_features + out_features))
+    per_layer = sum(2 * config.projection_parameters(name, bias=False) for name in LOWRANK_PROJECTIONS)
     return per_layer * config.num_hidden_layers
 
 

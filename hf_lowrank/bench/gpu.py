@@ -1,5 +1,6 @@
-"""``scripts/gpu_check.py``: the benchmark in bf16 on one GPU at widths 1024 and 2048, plus a short stability
-comparison of Spectron and naive low-rank AdamW, in under 5 minutes, written to one JSON file.
+"""`hf-lowrank gpu-check` (``scripts/gpu_check.py``): the benchmark in bf16 on one GPU at widths 1024 and 2048,
+plus a short stability comparison of Spectron and naive low-rank AdamW, in under 5 minutes, written to one JSON
+file.
 
 * Benchmark: the same measurements as on CPU (``suite.py``), with bf16 weights (pure bf16: AdamW moments in bf16,
   Spectron's momentum in float32 as it always is), GPU-sized batches and a 32k vocabulary; memory is the CUDA
@@ -10,11 +11,10 @@ comparison of Spectron and naive low-rank AdamW, in under 5 minutes, written to 
   norm of the update ‖ΔW‖₂ of two projections (the quantity the paper blames for instability).
 
 The JSON is rewritten after every phase, so a run stopped by a time limit keeps what it finished; a phase that
-would start after ``--budget-s`` is recorded as skipped. ``--cpu-smoke`` runs every phase at toy sizes on CPU
+would start after ``--budget_s`` is recorded as skipped. ``--cpu_smoke`` runs every phase at toy sizes on CPU
 in about a minute: the way to check this file without a GPU.
 """
 
-import argparse
 import json
 import math
 import time
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli_support import CommandParser
 from ..optim import build_optimizer, lowrank_pairs
 from .memory import VARIANTS
 from .suite import (
@@ -206,7 +207,7 @@ def run_gpu_check(out: Path, cpu_smoke: bool = False, budget_s: float = 270.0, r
         device, shapes, stability, repetitions = torch.device("cpu"), SMOKE_SHAPES, SMOKE_STABILITY, 2
     else:
         if not torch.cuda.is_available():
-            raise SystemExit("No CUDA device: run on a GPU machine, or pass --cpu-smoke to check the script on CPU.")
+            raise ValueError("No CUDA device: run on a GPU machine, or pass --cpu_smoke to check the script on CPU.")
         # TF32 stays off (torch's default): Spectron's Newton–Schulz is specified in float32.
         device, shapes, stability = torch.device("cuda"), GPU_SHAPES, STABILITY
     result = {
@@ -269,10 +270,10 @@ def summary_lines(result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/gpu_check.py", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="hf-lowrank gpu-check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
-    parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on CPU: checks the script, not the GPU")
-    parser.add_argument("--budget-s", type=float, default=270.0, help="start no phase after this many seconds")
+    parser.add_argument("--cpu_smoke", action="store_true", help="toy sizes on CPU: checks the script, not the GPU")
+    parser.add_argument("--budget_s", type=float, default=270.0, help="start no phase after this many seconds")
     args = parser.parse_args(argv)
     result = run_gpu_check(args.out, cpu_smoke=args.cpu_smoke, budget_s=args.budget_s)
     print("\n".join(summary_lines(result)))

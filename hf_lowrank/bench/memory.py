@@ -48,7 +48,7 @@ def analytic_model_state_bytes(config, optimizer: str, bytes_per_element: int = 
     """Weights + gradients + optimizer state of ``config`` trained by ``optimizer`` ("adamw" or "spectron"),
     from the parameter count alone: AdamW keeps two moments per weight; Spectron one momentum per factor (and its
     r- and long-vectors, negligible) and AdamW's two moments for embeddings, LM head and norms."""
-    from ..presets import count_parameters
+    from ..configuration_lowrank import count_parameters
 
     count = count_parameters(config)
     others = count.embeddings + count.norms

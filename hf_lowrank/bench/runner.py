@@ -1,10 +1,10 @@
-"""``scripts/bench.py``: run the benchmark, print its tables and verdicts, write JSON and markdown; or print the
-analytic FSDP2 traffic table (``--traffic-report``)."""
+"""`hf-lowrank bench` (``scripts/bench.py``): run the benchmark, print its tables and verdicts, write JSON and
+markdown; or print the analytic FSDP2 traffic table (``--traffic_report``)."""
 
-import argparse
 import datetime
 import gc
 import json
+import logging
 import os
 import platform
 import sys
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli_support import CommandParser
 from .memory import VARIANTS, analytic_preset_ratios, measure_in_subprocess
 from .report import evaluate_targets, markdown
 from .suite import (
@@ -25,6 +26,8 @@ from .suite import (
     summarize_training,
 )
 from .traffic import traffic_report
+
+logger = logging.getLogger(__name__)
 
 
 def machine() -> dict:
@@ -110,22 +113,23 @@ def run_benchmark(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="scripts/bench.py",
+    parser = CommandParser(
+        prog="hf-lowrank bench",
         description="Factorized vs dense: training throughput, Spectron vs AdamW, memory, generation.",
+        epilog="Set OMP_WAIT_POLICY=PASSIVE for timings on a shared CPU (scripts/bench.py does; docs/benchmarks.md).",
     )
     parser.add_argument("--widths", type=int, nargs="+", help="only these hidden sizes of the default shapes")
     parser.add_argument("--repetitions", type=int, default=7)
-    parser.add_argument("--generation-repetitions", type=int, default=5, help="0 skips generation")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    parser.add_argument("--no-reference", action="store_true", help="skip timing the per-pair reference Spectron")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile training pass")
+    parser.add_argument("--generation_repetitions", type=int, default=5, help="0 skips generation")
+    parser.add_argument("--no_memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--no_reference", action="store_true", help="skip timing the per-pair reference Spectron")
+    parser.add_argument("--no_compile", action="store_true", help="skip the torch.compile training pass")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape, 2 repetitions: checks the plumbing")
     parser.add_argument("--out", type=Path, help="write JSON here and markdown beside it (.md)")
     parser.add_argument("--render", type=Path, help="only re-render the markdown of an existing JSON result")
     parser.add_argument(
-        "--traffic-report",
+        "--traffic_report",
         action="store_true",
         help="only print Spectron's FSDP2 bytes per step for the presets (the table of docs/distributed.md)",
     )
@@ -138,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         args.render.with_suffix(".md").write_text(table)
         print(table)
         return 0
+    if "OMP_WAIT_POLICY" not in os.environ:  # read when torch loaded: too late to set it here
+        logger.warning("OMP_WAIT_POLICY is unset: on a shared CPU, spin-waiting OpenMP threads distort the timings.")
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = SMOKE_SHAPES if args.smoke else DEFAULT_SHAPES
     if args.widths:
         unknown = sorted(set(args.widths) - {s.hidden_size for s in shapes})
         if unknown:
-            raise SystemExit(f"--widths {unknown}: not among {[s.hidden_size for s in shapes]}")
+            raise ValueError(f"--widths {unknown}: not among {[s.hidden_size for s in shapes]}")
         shapes = tuple(s for s in shapes if s.hidden_size in args.widths)
     repetitions = 2 if args.smoke else args.repetitions
     command = " ".join(["python scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])

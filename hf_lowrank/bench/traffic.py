@@ -1,6 +1,6 @@
 """Spectron's communication under FSDP2: an analytic model of the bytes per step, and a counter of what the
 sharded step (``hf_lowrank.optim.sharded``) actually all-reduces and redistributes. docs/distributed.md shows both;
-``python scripts/bench.py --traffic-report`` prints its table, and tests/test_distributed.py checks that the
+``python scripts/bench.py --traffic_report`` prints its table, and tests/test_distributed.py checks that the
 counted bytes of a steady step equal the model's.
 """
 
@@ -86,7 +86,7 @@ def spectron_traffic(config, ns_steps: int = 5, power_iters: int = 1, bytes_per_
 
 
 def traffic_report(presets=("tiny", "130m", "1b")) -> str:
-    """The markdown table of docs/distributed.md (``python scripts/bench.py --traffic-report``)."""
+    """The markdown table of docs/distributed.md (``python scripts/bench.py --traffic_report``)."""
     rows = [
         "| preset | factor pairs | Spectron all-reduce / step | all-gather of every factor / step | ratio |",
         "| --- | ---: | ---: | ---: | ---: |",

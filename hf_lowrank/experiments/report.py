@@ -1,5 +1,5 @@
 """The stability study's report: ``summary.json``, ``results.md`` and the plots, from the run records alone (so
-``--report-only`` regenerates them without training anything)."""
+``--report_only`` regenerates them without training anything)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import statistics
 from pathlib import Path
 
-from ..presets import count_parameters
-from ..training.checkpointing import write_text_atomic
+from ..configuration_lowrank import count_parameters
+from ..files import write_text_atomic
 from .plan import FLOPS_VARIANTS, RANK_VARIANT, STRESS_VARIANTS, VARIANTS, StudyPlan
 
 ADAMW_FAMILY = ("adamw",)  # optimizers whose lr is an AdamW step; the others' lr is a spectral-norm bound
@@ -322,7 +322,7 @@ def results_markdown(summary: dict) -> str:
             status = (
                 f"diverged at step {r['steps_done']}"
                 if r["diverged"]
-                else ("trained" if r["trained_to_end"] else "pruned")
+                else ("trained" if r["trained_to_end"] else ("pruned" if v["grid_final"] else "at the rung so far"))
             )
             final = _loss(r["final_loss"]) if r["trained_to_end"] else "—"
             lines.append(

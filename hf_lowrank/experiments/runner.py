@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..bench.flops import training_flops_per_token
+from ..files import write_json_atomic, write_text_atomic
 from .plan import VARIANTS, Segment, StudySettings
 
 # Keys of the diagnostics callback kept in a run's record (max and mean over the projections).
@@ -31,7 +32,6 @@ DIAGNOSTICS = (
 # ------------------------------------------------------------------------------------------------ data
 def prepare_data(settings: StudySettings, cache_dir: Path, log=print) -> tuple[Path, dict]:
     """Train the tokenizer and pack the built-in corpus once (cached under `cache_dir`); workers memory-map it."""
-    from ..training.checkpointing import write_json_atomic
     from ..training.data import DataArguments, build_datasets, unigram_cross_entropy
 
     data_dir = Path(cache_dir) / f"data-{settings.data_fingerprint()}"
@@ -161,7 +161,7 @@ def train_segment(segment: Segment, settings: StudySettings, data_dir: Path, che
     if resume is not None and checkpoint_step(resume) > segment.stop_at:
         raise ValueError(
             f"{resume} is past step {segment.stop_at}, where this segment of {job.id} stops: the folder belongs to "
-            "another study. Delete it, or use another --cache-dir."
+            "another study. Delete it, or use another --cache_dir."
         )
     if resume is not None and checkpoint_step(resume) == segment.stop_at:
         # Killed after the checkpoint at the target was written but before the record was: load, don't train.
@@ -260,8 +260,6 @@ def run_segment(segment: Segment, settings: StudySettings, data_dir: Path, runs_
     if previous is not None and previous.get("fingerprint") != settings.fingerprint():
         previous = None
     record = train_segment(segment, settings, data_dir, checkpoints, previous)
-    from ..training.checkpointing import write_text_atomic
-
     write_text_atomic(path, record_text(record))
     return record
 

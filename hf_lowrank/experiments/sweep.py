@@ -6,7 +6,7 @@ What runs when is decided by :mod:`.plan` (successive halving: the whole grid to
 runs that can still matter to the end, from their checkpoints); each run segment is trained by :mod:`.runner`
 through the package's own pretraining path; :mod:`.report` turns the records into ``summary.json``,
 ``results.md`` and the plots. A run's record is written atomically after each of its segments and checkpoints
-are kept under ``--cache-dir``, so a killed study restarts where it stood: finished runs are not redone and a
+are kept under ``--cache_dir``, so a killed study restarts where it stood: finished runs are not redone and a
 run interrupted mid-segment continues from its last checkpoint.
 """
 
@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExe
 from multiprocessing import get_context
 from pathlib import Path
 
+from ..cli_support import CommandParser
 from ..training.run_dir import OutputDirInUseError, RunLock
 from .plan import VARIANTS, StudyPlan, StudySettings, smoke_settings
 from .report import write_report
@@ -147,8 +148,10 @@ def _clock(seconds: float) -> str:
 
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="stability_sweep", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    parser = CommandParser(
+        prog="hf-lowrank stability-study",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="Results folder: runs/*.json, summary.json, results.md, plots.")
     parser.add_argument("--smoke", action="store_true", help="Seconds-long tiny settings (checks the tool).")
@@ -156,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="Default: every variant.")
     parser.add_argument("--seeds", type=int, help="Seeds at each variant's best and largest stable lr (default 2).")
-    parser.add_argument("--max-segments", type=int, help="Stop after this many run segments (resume later).")
+    parser.add_argument("--max_segments", type=int, help="Stop after this many run segments (resume later).")
     parser.add_argument(
-        "--report-only", action="store_true", help="Rewrite the report from the records; train nothing."
+        "--report_only", action="store_true", help="Rewrite the report from the records; train nothing."
     )
-    parser.add_argument("--cache-dir", default="runs/stability-cache", help="Tokenized corpus and checkpoints.")
+    parser.add_argument("--cache_dir", default="runs/stability-cache", help="Tokenized corpus and checkpoints.")
     args = parser.parse_args(argv)
     settings = smoke_settings() if args.smoke else StudySettings()
     settings.threads_per_worker = args.threads

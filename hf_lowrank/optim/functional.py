@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..configuration_lowrank import long_dim
+
 # Muon's quintic Newton–Schulz coefficients: fast growth of small singular values, ending in a band around 1.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -43,9 +45,10 @@ def _identity(x: Tensor) -> Tensor:
 
 
 def is_wide(m: Tensor) -> bool:
-    """Whether ``m``'s tall view (long × r) is ``m.mT``: the one orientation rule of every path (reference, batched,
-    sharded), so that they all see the same matrix, and a sharded factor is split along the rows of that view."""
-    return m.shape[0] < m.shape[1]
+    """Whether ``m``'s tall view (long × r) is ``m.mT``, by the project's one orientation rule (:func:`long_dim`),
+    which every path (reference, batched, sharded) and the FSDP2 placement follow, so that they all see the same
+    matrix and a sharded factor is split along the rows of that view."""
+    return long_dim(m.shape) == 1
 
 
 def tall_view(m: Tensor) -> Tensor:

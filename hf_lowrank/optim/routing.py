@@ -9,7 +9,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..modeling_lowrank import LOWRANK_FACTOR_NAMES, LowRankLinear
+from ..configuration_lowrank import DOWN_FACTOR, LOWRANK_FACTOR_NAMES, UP_FACTOR, factor_weight_name
+from ..modeling_lowrank import LowRankLinear
 from .spectron import Spectron
 
 OPTIMIZER_NAMES = ("spectron", "adamw", "muon", "renorm")
@@ -21,10 +22,11 @@ _SPECTRON_VARIANTS = {
     "renorm": {"orthogonalize": False},  # spectral renormalization only
 }
 
-# AdamW learning rate of the non-factor parameters under the Spectron family when `adamw_lr` is not given: the
-# usual AdamW rate of LLaMA-60M/130M-sized pretraining. Spectron's own lr is a spectral-norm bound (~0.02-0.1)
-# and is not a sensible AdamW rate, so the two are separate knobs.
-DEFAULT_ADAMW_LR = 1e-3
+# AdamW learning rate of the non-factor parameters under the Spectron family when `adamw_lr` is not given, and
+# `hf-lowrank pretrain`'s default `--learning_rate` under `--optimizer adamw`: the best AdamW rate of the
+# stability study (docs/stability.md), which also trains the Spectron family's AdamW groups at it. Spectron's own
+# lr is a spectral-norm bound (~0.02-0.1) and is not a sensible AdamW rate, so the two are separate knobs.
+DEFAULT_ADAMW_LR = 3e-3
 
 DECAY, NO_DECAY = "adamw:decay", "adamw:no_decay"
 
@@ -35,7 +37,7 @@ def lowrank_pairs(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tenso
     for name, module in model.named_modules():
         if isinstance(module, LowRankLinear):
             factors = dict(zip(LOWRANK_FACTOR_NAMES, module.factors()))
-            pairs.append((name, factors["up"].weight, factors["down"].weight))
+            pairs.append((name, factors[UP_FACTOR].weight, factors[DOWN_FACTOR].weight))
     return pairs
 
 
@@ -60,8 +62,8 @@ def _route(model: nn.Module, name: str) -> dict[str, list[tuple[str, nn.Paramete
                 )
             if up.requires_grad:  # the order Spectron expects: [up.weight, down.weight]
                 groups[f"spectron:{module_name}"] = [
-                    (f"{module_name}.up.weight", up),
-                    (f"{module_name}.down.weight", down),
+                    (factor_weight_name(module_name, UP_FACTOR), up),
+                    (factor_weight_name(module_name, DOWN_FACTOR), down),
                 ]
                 in_pairs.update((id(up), id(down)))
     for param_name, param in model.named_parameters():  # a tied parameter is listed once
@@ -94,7 +96,7 @@ def build_optimizer(
         lr: under the Spectron family, the spectral-norm bound of each factor pair's ΔW per step (~0.02-0.1);
             under ``"adamw"``, the AdamW learning rate of every parameter.
         adamw_lr: Spectron family only: the AdamW rate of the other parameters (embeddings, LM head, norms,
-            biases, dense projections); default ``DEFAULT_ADAMW_LR`` = 1e-3.
+            biases, dense projections); default ``DEFAULT_ADAMW_LR`` = 3e-3.
         weight_decay: of the factor pairs (Spectron's decoupled ``p ← p·(1 − lr·wd)``) or, under ``"adamw"``, of
             every matrix.
         adamw_weight_decay: Spectron family only: of the AdamW matrices (embeddings, LM head, dense projections).

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from .functional import PairView, init_power_vectors, is_wide
+from ..configuration_lowrank import long_dim
+from .functional import PairView, init_power_vectors
 
 # Called after every collective of the sharded step as ``observer(all_reduce_bytes=, calls=, redistributed_bytes=)``:
 # all-reduce payloads, and global sizes of the tensors redistributed to their long-dimension sharding.
@@ -66,7 +67,7 @@ def _sharded_mesh_dims(up: DTensor, down: DTensor) -> tuple[bool, ...]:
 
 
 def _long_dim_placements(weight: DTensor, sharded: tuple[bool, ...]) -> tuple:
-    return tuple(Shard(1 if is_wide(weight) else 0) if s else Replicate() for s in sharded)
+    return tuple(Shard(long_dim(weight.shape)) if s else Replicate() for s in sharded)
 
 
 def _vector_placements(sharded: tuple[bool, ...]) -> tuple:

@@ -10,7 +10,7 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-from ..optim import OPTIMIZER_NAMES
+from ..optim import DEFAULT_ADAMW_LR, OPTIMIZER_NAMES
 
 # 8 MB of the standard library (about 2/3 of CPython 3.11's 12 MB of non-test source, ~2.5M tokens at vocab
 # 4096): enough text for the CPU-sized presets, small enough that tokenizer training plus packing takes seconds.
@@ -117,7 +117,7 @@ class DataArguments:
 
 # Spectron's lr is a spectral-norm bound on each step's weight update (‖ΔW‖₂ ≤ lr), AdamW's a per-entry step:
 # they live on different scales, so `--learning_rate` defaults per optimizer when it is not given.
-DEFAULT_LEARNING_RATES = {"spectron": 0.02, "muon": 0.02, "renorm": 0.02, "adamw": 3e-3}
+DEFAULT_LEARNING_RATES = {"spectron": 0.02, "muon": 0.02, "renorm": 0.02, "adamw": DEFAULT_ADAMW_LR}
 
 
 @dataclass

@@ -27,15 +27,16 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from transformers.trainer import SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 
+from ..files import STAGING_PREFIX, fsync_dir, fsync_file, write_json_atomic
 from .guards import check_state_dict
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "checkpoint_manifest.json"
 EXTRA_STATE_NAME = "lowrank_trainer_state.json"  # guard counters and spike-detector state, JSON
-STAGING_PREFIX = ".tmp-"  # .tmp-checkpoint-N: being written; never matches checkpoint-*
 TRASH_PREFIX = ".trash-"  # .trash-checkpoint-N: being deleted
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
@@ -57,39 +58,10 @@ def crash_point(stage: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- durability
-def fsync_file(path: str | os.PathLike) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename or a new entry in ``path`` durable (the folder's own metadata)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
+# The writers (`write_json_atomic`, `write_text_atomic`, `fsync_*`) and `STAGING_PREFIX` (.tmp-checkpoint-N: being
+# written; never matches checkpoint-*) live in `hf_lowrank.files`, a leaf that light modules can import too.
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, fsynced and renamed, so readers see all or nothing."""
-    path = Path(path)
-    tmp = path.with_name(f"{STAGING_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically (see `write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
@@ -313,7 +285,7 @@ def check_state_files(checkpoint: str | os.PathLike) -> None:
     the resume with a KeyError/TypeError deep in the Trainer; here it is a :class:`CheckpointError` naming it,
     so auto-resume falls back to an older checkpoint."""
     checkpoint = Path(checkpoint)
-    path = checkpoint / "trainer_state.json"
+    path = checkpoint / TRAINER_STATE_NAME
     if path.is_file():
         try:
             data = json.loads(path.read_text())
@@ -330,7 +302,7 @@ def check_state_files(checkpoint: str | os.PathLike) -> None:
     path = checkpoint / EXTRA_STATE_NAME
     if path.is_file():
         read_extra_state(path)
-    path = checkpoint / "scheduler.pt"
+    path = checkpoint / SCHEDULER_NAME
     if path.is_file():
         state = load_state_file(path)
         if not (isinstance(state, dict) and isinstance(state.get("last_epoch"), int)):

@@ -49,6 +49,10 @@ TEXT_EXTENSIONS = (".txt", ".text")
 JSON_EXTENSIONS = (".json", ".jsonl")
 SPLIT_SEED = 42  # for carving a validation split out of a training split that has none
 STREAM_GROUP_DOCS = 1000  # documents packed together in streaming mode; each group's last partial block is dropped
+# How a run's records (`eval_results.json`, `training_summary.json`), and so its model card, name data that has no
+# Hub id: `hf-lowrank pretrain` and `hf-lowrank evaluate` both write these, so the card reads the same either way.
+BUILTIN_DATASET = "python-stdlib (built-in corpus)"
+LOCAL_FILES_DATASET = "local files"
 
 
 # ---------------------------------------------------------------------------------------- built-in corpus

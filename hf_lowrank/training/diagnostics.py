@@ -78,7 +78,7 @@ class LossSpikeDetector:
     plain numbers so it can be checkpointed with the run.
     """
 
-    def __init__(self, window: int = 50, threshold: float = 4.0, min_increase: float = 0.05, warmup: int = 100):
+    def __init__(self, window: int = 50, threshold: float = 4.0, min_increase: float = 0.05, warmup: int = 50):
         if window < 2:
             raise ValueError(f"spike window must be at least 2 steps, got {window}.")
         if threshold <= 0 or min_increase < 0 or warmup < 0:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers.training_args import ParallelMode
 
+from ..configuration_lowrank import long_dim
 from ..modeling_lowrank import LowRankLinear, LowRankLlamaDecoderLayer
 from ..optim import Spectron, init_optimizer_state
 
@@ -103,10 +104,10 @@ def lowrank_placements(model: nn.Module, shards: int) -> dict[int, object]:
     placements = {}
     for module in model.modules():
         if isinstance(module, LowRankLinear):
-            for weight in (module.up.weight, module.down.weight):
-                long_dim = 1 if weight.shape[0] < weight.shape[1] else 0
-                even = weight.shape[long_dim] % shards == 0
-                placements[id(weight)] = Shard(long_dim if long_dim == 0 or even else 0)
+            for factor in module.factors():
+                dim = long_dim(factor.weight.shape)
+                even = factor.weight.shape[dim] % shards == 0
+                placements[id(factor.weight)] = Shard(dim if dim == 0 or even else 0)
     return placements
 
 

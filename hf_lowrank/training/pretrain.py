@@ -6,29 +6,40 @@ With no arguments but an output folder it trains the `small` preset with Spectro
 (the Python standard library's source), which takes a few minutes on a laptop CPU.
 """
 
-import json
 import logging
-import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 import transformers
 from datasets import IterableDataset
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
+from ..cli_support import HfCommandParser
 from ..modeling_lowrank import LowRankLlamaForCausalLM
 from ..presets import PRESETS, count_parameters, preset_config
 from .arguments import ModelArguments, OptimizerArguments, PretrainingArguments, RunArguments, resolve_learning_rate
 from .checkpointing import latest_complete_checkpoint, resolve_resume_checkpoint
-from .data import DataArguments, build_datasets, resolve_block_size, unigram_cross_entropy
+from .data import (
+    BUILTIN_DATASET,
+    LOCAL_FILES_DATASET,
+    DataArguments,
+    build_datasets,
+    resolve_block_size,
+    unigram_cross_entropy,
+)
 from .distributed import check_launch
 from .plots import plot_training_curves
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, TrainingPreempted
 from .run_dir import mark_complete, open_run_dir
+from .summary import (
+    completed_metrics,
+    final_metrics,
+    generate_sample,
+    scored_eval_tokens,
+    training_summary,
+    write_run_files,
+)
 from .tokenizer import check_vocab
 from .trainer import build_step_guard, build_trainer
 from .validation import check_config_keys, check_inputs
@@ -39,7 +50,7 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, OptimizerArguments, RunArgume
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser(ARGUMENT_CLASSES, prog="hf-lowrank pretrain")
+    parser = HfCommandParser(ARGUMENT_CLASSES, prog="hf-lowrank pretrain")
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         path = Path(argv[0])
@@ -90,26 +101,8 @@ def build_config(model_args: ModelArguments, vocab_size: int | None = None):
     return preset_config(model_args.preset, **overrides)
 
 
-def _hardware() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return (
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    )
-
-
-@torch.no_grad()
-def generate_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    model.eval()
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    output = model.generate(
-        **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0
-    )
-    return tokenizer.decode(output[0], skip_special_tokens=True)
-
-
 def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
-    """The whole job; returns the final metrics. Separate from `main` so tests and the sweep can call it."""
+    """The whole job; returns the final metrics. Separate from `main` so tests can call it in-process."""
     started = time.time()
     check_launch(training_args)  # refuse ranks that would train alone or drift apart (R18)
     resolve_learning_rate(training_args, optimizer_args)
@@ -138,7 +131,8 @@ def run(model_args, data_args, optimizer_args, run_args, training_args) -> dict:
     # One run per folder, never a foreign folder, and a finished run is not trained again (R19-R21).
     with open_run_dir(training_args.output_dir, training_args, overwrite=run_args.overwrite_output_dir) as completed:
         if completed is not None:
-            return _completed_metrics(output_dir, completed)
+            logger.info("The run in %s is complete (step %d): nothing to do.", output_dir, completed["global_step"])
+            return completed_metrics(output_dir, completed)
         return _train_and_save(
             model_args, data_args, optimizer_args, run_args, training_args, config, guard, resume, started
         )
@@ -153,28 +147,10 @@ def _train_and_save(model_args, data_args, optimizer_args, run_args, training_ar
         if resume:
             logger.info("Resuming from the newest complete checkpoint %s", resume)
     output_dir.mkdir(parents=True, exist_ok=True)
-    block_size = resolve_block_size(data_args, config)
-    with training_args.main_process_first(desc="tokenizer and dataset preparation"):
-        tokenizer, train_dataset, eval_dataset = build_datasets(
-            data_args,
-            output_dir=str(output_dir),
-            block_size=block_size,
-            config=config if data_args.tokenizer_name is None else None,
-        )
-    if data_args.tokenizer_name is not None:
-        config = build_config(model_args, vocab_size=len(tokenizer))
-        check_vocab(tokenizer, config)
-    if eval_dataset is None:
-        raise ValueError(
-            "Pretraining needs a validation split: set --validation_split_percentage > 0 or pass --validation_files."
-        )
-    config.bos_token_id = tokenizer.bos_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
-    tokenizer.model_max_length = config.max_position_embeddings  # saved beside the model; a trained BPE says 1e30
+    config, tokenizer, train_dataset, eval_dataset, block_size = _prepare_data(
+        model_args, data_args, training_args, config
+    )
     streaming = isinstance(train_dataset, IterableDataset)
-    if streaming:
-        logger.info("Streaming: the unigram baseline (which reads the whole training split) is not computed.")
 
     set_seed(training_args.seed)
     model = LowRankLlamaForCausalLM(config)
@@ -214,108 +190,89 @@ def _train_and_save(model_args, data_args, optimizer_args, run_args, training_ar
     model.config.use_cache = use_cache  # the Trainer set it to TrainingArguments.use_cache (False)
     trainer.save_model(str(output_dir))  # model (safetensors) + tokenizer + self-contained code
 
-    eval_metrics = trainer.evaluate(eval_dataset=eval_dataset)
-    eval_loss = eval_metrics["eval_loss"]
-    metrics = {
-        "train_loss": train_result.training_loss,
-        "train_runtime_s": train_result.metrics.get("train_runtime"),
-        "eval_loss": eval_loss,
-        "perplexity": math.exp(eval_loss) if eval_loss < 50 else float("inf"),
+    eval_loss = trainer.evaluate(eval_dataset=eval_dataset)["eval_loss"]
+    metrics = final_metrics(
+        trainer,
+        train_result,
+        eval_loss,
+        guard,
+        counts,
         # A stream cannot be read twice cheaply (the unigram baseline reads the whole training split): None.
-        "unigram_loss": None if streaming else unigram_cross_entropy(train_dataset, eval_dataset, config.vocab_size),
-        "eval_tokens": scored_eval_tokens(eval_dataset, block_size, training_args),
-        "loss_spikes": guard.spike_detector.spikes,
-        "skipped_steps": guard.skipped_steps,
-        "rollbacks": guard.rollbacks,
-        "max_update_over_lr": max(
-            (row["diag/update_over_lr_max"] for row in trainer.state.log_history if "diag/update_over_lr_max" in row),
-            default=None,
-        ),
-        "parameters": counts.total,
-        "dense_parameters": counts.dense_total,
-    }
+        unigram_loss=None if streaming else unigram_cross_entropy(train_dataset, eval_dataset, config.vocab_size),
+        eval_tokens=scored_eval_tokens(eval_dataset, block_size, training_args),
+    )
     # Every rank generates: under FSDP a forward pass is a collective, so rank 0 alone would hang (R17).
     metrics["sample"] = generate_sample(model, tokenizer, run_args.sample_prompt, run_args.sample_tokens)
     metrics["wall_time_s"] = round(time.time() - started, 1)
     if trainer.is_world_process_zero():
         trainer.save_state()
-        _write_json(output_dir / "metrics.json", metrics)
-        _write_json(
-            output_dir / "eval_results.json",
-            {
-                "perplexity": metrics["perplexity"],
-                "loss": eval_loss,
-                "tokens": metrics["eval_tokens"],  # scored tokens, as `hf-lowrank evaluate` counts them
-                "dataset": _dataset_name(data_args),
-                "split": "validation",
-                "max_length": block_size,  # each block is one window; its first token is not scored
-                "stride": block_size,
-            },
+        eval_results = {
+            "perplexity": metrics["perplexity"],
+            "loss": eval_loss,
+            "tokens": metrics["eval_tokens"],  # scored tokens, as `hf-lowrank evaluate` counts them
+            "dataset": _dataset_name(data_args),
+            "split": "validation",
+            "max_length": block_size,  # each block is one window; its first token is not scored
+            "stride": block_size,
+        }
+        summary = training_summary(
+            trainer,
+            train_result,
+            started=started,
+            train_seconds=train_seconds,
+            preset=model_args.preset,
+            dense=config.is_dense,
+            optimizer=optimizer_args.optimizer,
+            adamw_learning_rate=optimizer_args.adamw_learning_rate,
+            block_size=block_size,
+            dataset=_dataset_name(data_args),
+            streaming=streaming,
         )
-        world = training_args.world_size
-        global_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * world
-        _write_json(
-            output_dir / "training_summary.json",
-            {
-                "preset": model_args.preset,
-                "dense": config.is_dense,
-                "optimizer": optimizer_args.optimizer,
-                "learning_rate": training_args.learning_rate,
-                "adamw_learning_rate": optimizer_args.adamw_learning_rate,
-                "lr_scheduler": str(training_args.lr_scheduler_type),
-                "max_steps": trainer.state.global_step,
-                "block_size": block_size,
-                "global_batch_size": global_batch,
-                "train_tokens": trainer.state.global_step * global_batch * block_size,
-                "wall_time_s": round(time.time() - started, 1),
-                "train_time_s": round(train_seconds, 1),
-                "hardware": _hardware(),
-                "world_size": world,
-                "dataset": _dataset_name(data_args),
-                "streaming": streaming,
-                "seed": training_args.seed,
-                "final_train_loss": train_result.training_loss,
-                "transformers_version": transformers.__version__,
-                "torch_version": torch.__version__,
-            },
-        )
+        write_run_files(output_dir, metrics, eval_results, summary)
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         mark_complete(output_dir, trainer.state.global_step, training_args)  # last: every output file is written
     return metrics
 
 
-def _completed_metrics(output_dir: Path, completed: dict) -> dict:
-    """What a re-run of a finished run returns, changing nothing: the metrics it saved (R19)."""
-    logger.info("The run in %s is complete (step %d): nothing to do.", output_dir, completed["global_step"])
-    metrics = json.loads((output_dir / "metrics.json").read_text())
-    return {**metrics, "already_complete": completed}
-
-
-def scored_eval_tokens(eval_dataset, block_size: int, training_args) -> int:
-    """Tokens the final evaluation scored: every block but its first token (nothing in the block predicts it),
-    over the blocks the Trainer's evaluation loader yields (``dataloader_drop_last`` drops a last partial batch
-    per process). A streamed split is counted by reading it once more."""
-    blocks = len(eval_dataset) if not isinstance(eval_dataset, IterableDataset) else sum(1 for _ in eval_dataset)
-    if training_args.dataloader_drop_last:
-        per_step = training_args.per_device_eval_batch_size * training_args.world_size
-        blocks -= blocks % per_step
-    return blocks * (block_size - 1)
+def _prepare_data(model_args, data_args, training_args, config):
+    """The tokenizer and the packed splits (prepared once, on the main process first), and the config completed
+    by them: a named tokenizer sets the vocabulary, and the special tokens and context length come from it."""
+    block_size = resolve_block_size(data_args, config)
+    with training_args.main_process_first(desc="tokenizer and dataset preparation"):
+        tokenizer, train_dataset, eval_dataset = build_datasets(
+            data_args,
+            output_dir=training_args.output_dir,
+            block_size=block_size,
+            config=config if data_args.tokenizer_name is None else None,
+        )
+    if data_args.tokenizer_name is not None:
+        config = build_config(model_args, vocab_size=len(tokenizer))
+        check_vocab(tokenizer, config)
+    if eval_dataset is None:
+        raise ValueError(
+            "Pretraining needs a validation split: set --validation_split_percentage > 0 or pass --validation_files."
+        )
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.model_max_length = config.max_position_embeddings  # saved beside the model; a trained BPE says 1e30
+    if isinstance(train_dataset, IterableDataset):
+        logger.info("Streaming: the unigram baseline (which reads the whole training split) is not computed.")
+    return config, tokenizer, train_dataset, eval_dataset, block_size
 
 
 def _dataset_name(data_args) -> str:
+    """How the run's records, and so its model card, name the training data."""
     if getattr(data_args, "dataset_name", None):
         return data_args.dataset_name
     if getattr(data_args, "train_files", None):
-        return "local files"
-    return "python-stdlib (built-in corpus)"
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        return LOCAL_FILES_DATASET
+    return BUILTIN_DATASET
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    """`hf-lowrank pretrain`: 0 once the run is complete, `PREEMPTED_EXIT_CODE` after a SIGTERM; a bad argument or
+    input raises `ValueError` and a failed run this package's own error (both reported by `hf_lowrank.cli.main`)."""
     transformers.utils.logging.set_verbosity_warning()
     args = parse_args(argv)
     try:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from .checkpointing import STAGING_PREFIX, fsync_dir, fsync_file
+from ..files import STAGING_PREFIX, fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     from ..configuration_lowrank import LowRankLlamaConfig

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from transformers import Trainer
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from transformers.utils import is_torch_xla_available
@@ -35,8 +36,6 @@ from .diagnostics import LossSpikeDetector, SpectralDiagnosticsCallback
 from .guards import APPLY, ROLLBACK, GuardedOptimizer, NonFiniteTrainingError, StepGuard, all_finite
 
 logger = logging.getLogger(__name__)
-
-TRAINER_STATE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME = "trainer_state.json", "optimizer.pt", "scheduler.pt"
 
 # Settings a checkpoint records (R23). At resume, those that the checkpoint's optimizer and LR-scheduler state would
 # silently replace (`load_state_dict` restores the saved hyperparameters of every param group and the saved base
@@ -69,6 +68,11 @@ class LowRankTrainer(Trainer):
       newest complete and verified one, and every state file loads with ``weights_only=True``
       (see :mod:`hf_lowrank.training.checkpointing`);
     * the guard's counters and the spike detector's state travel in each checkpoint (JSON).
+
+    Six private `Trainer` methods are overridden, because Transformers offers no public hook at those points. Each
+    override's docstring starts with "Replaces `Trainer.<name>`" and says which behaviour it changes and why;
+    ``tests/test_reliability_*.py`` test those behaviours (not the private calls), so a Transformers upgrade that
+    renames or reshapes one of them fails there first. Checked against Transformers 5.24.
     """
 
     def __init__(
@@ -315,9 +319,11 @@ class LowRankTrainer(Trainer):
         self._data_step_offset = state.get("data_step_offset", 0)
 
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, *args, **kwargs):
-        """`Trainer._init_training_state`, with the data position of a checkpoint saved after a rollback: its
-        loader had consumed ``global_step + data_step_offset`` steps of batches, and the stock Trainer skips only
-        ``global_step`` of them, so the resumed run would replay batches and never see others (R3, R4)."""
+        """Replaces `Trainer._init_training_state`'s data position at resume (it calls the original first).
+
+        The stock Trainer skips ``global_step`` steps of batches; a checkpoint saved after a rollback had
+        consumed ``global_step + data_step_offset`` of them, so the resumed run would replay batches and never
+        see others (R3, R4). Private: the only place where the skip is decided before the first batch."""
         epochs_trained, steps_in_epoch = super()._init_training_state(
             max_steps, num_update_steps_per_epoch, *args, **kwargs
         )
@@ -328,6 +334,11 @@ class LowRankTrainer(Trainer):
         return epochs_trained, steps_in_epoch
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Replaces `Trainer._load_from_checkpoint`'s failure modes (the loading itself is the original's).
+
+        The stock method loads with ``strict=False`` (missing or extra tensors are only a warning) and lets a
+        truncated safetensors file surface as a bare ``SafetensorError``; this one refuses a checkpoint of another
+        model before loading anything and names the file it could not read (R2). Also called by the rollback, which reloads weights mid-run."""
         check_weights_fit(resume_from_checkpoint, self.model if model is None else model)
         try:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -336,6 +347,13 @@ class LowRankTrainer(Trainer):
             raise CheckpointError(f"Could not load the weights {files} (truncated or corrupted?): {error}") from error
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Replaces `Trainer._load_optimizer_and_scheduler` on a single process or DDP (DeepSpeed, FSDP and XLA
+        keep the original).
+
+        The stock method skips missing files silently and loads a state of another optimizer with a bare
+        ``KeyError``/``ValueError``; this one warns when the files are missing (a ``save_only_model``
+        checkpoint), checks each file before ``torch.load(weights_only=True)`` (`load_state_file`), and says
+        which setting to change when the state does not fit (R2, R23). Also called by the rollback."""
         if checkpoint is None:
             return
         if self.is_deepspeed_enabled or self.is_fsdp_enabled or is_torch_xla_available():
@@ -362,6 +380,8 @@ class LowRankTrainer(Trainer):
         self.lr_scheduler.load_state_dict(load_state_file(scheduler_file))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
+        """Replaces `Trainer._load_rng_state`'s error only: a torn or foreign RNG file raises a `CheckpointError`
+        naming the file, instead of an unpickling error from deep inside ``torch.load`` (R2)."""
         try:
             super()._load_rng_state(checkpoint)  # torch.load(weights_only=True) with numpy's types allowed
         except Exception as error:  # noqa: BLE001 - re-raised with the file's name
@@ -372,7 +392,7 @@ class LowRankTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------ end of training
     def _run_epoch(self, *args, **kwargs):
-        """`Trainer._run_epoch` (private: the only hook before the first step), preceded by one check: a run
+        """Replaces `Trainer._run_epoch`'s start (private: the only hook before the first step) with one check: a run
         resumed from a checkpoint taken at ``max_steps`` (a kill during the final save or evaluation, then a
         re-run) trains no step. The stock loop checks ``max_steps`` only after a step, so it would train one step
         past the end, change the weights and rotate the true final checkpoint away (R19)."""
@@ -384,8 +404,15 @@ class LowRankTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------ save
     def _save_checkpoint(self, model, trial) -> None:
-        """`Trainer._save_checkpoint`, made atomic: everything is written into a staging folder, which is
-        fsynced and renamed to ``checkpoint-N``; a manifest written last marks it complete (R1)."""
+        """Replaces `Trainer._save_checkpoint`, which writes straight into ``checkpoint-N``, so a crash or a full
+        disk leaves a torn folder that ``resume_from_checkpoint=True`` then picks.
+
+        Here everything is written into a staging folder (`_write_checkpoint_files`, which keeps the original's
+        file list and order), fsynced and renamed to ``checkpoint-N``, and a manifest written last marks it
+        complete (R1). Added on top: a refusal to save NaN/inf weights (R22), a disk-full error that removes the
+        partial save and names the intact checkpoint, the guard's state (`EXTRA_STATE_NAME`), and a rotation that
+        counts only complete checkpoints. The body cannot call the original: its target folder is fixed inside
+        it. Re-check it against upstream when upgrading Transformers."""
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
@@ -429,7 +456,9 @@ class LowRankTrainer(Trainer):
             rotate_checkpoints(run_dir, self.args.save_total_limit, keep=keep)
 
     def _write_checkpoint_files(self, staging: str, run_dir: str) -> None:
-        """Every file of a checkpoint, written into ``staging`` (the part of `Trainer._save_checkpoint` we keep)."""
+        """Every file of a checkpoint, written into ``staging``: the part of `Trainer._save_checkpoint` that is kept,
+        in its order, except that the best checkpoint is recognised before the staging folder has its final name
+        (the original checks that the folder exists), and the guard's state is added."""
         self.save_model(staging, _internal_call=True)
         crash_point("model")
         best_step = self.state.best_global_step
