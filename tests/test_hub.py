@@ -326,3 +326,12 @@ def test_pushed_repo_loads_by_repo_id_from_the_hub_cache(saved, tmp_path, hub, m
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert payload["module"].startswith("transformers_modules"), payload["module"]
     assert torch.equal(torch.tensor(payload["logits"]), expected)
+
+
+def test_model_cards_main_is_the_rendered_card_of_a_trained_model():
+    """model_cards/main.md is `push`'s card of the README's main job (scripts/make_model_card.sh), not a template."""
+    card = ModelCard.load(ROOT / "model_cards" / "main.md")
+    assert set(REQUIRED_TAGS) <= set(card.data.tags) and "{{" not in card.content
+    metrics = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-6)
+    assert "| Optimizer | `spectron` |" in card.text and "| Preset | `small` |" in card.text
