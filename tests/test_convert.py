@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from blocked_package import BLOCK_HF_LOWRANK
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_lowrank import LOWRANK_PROJECTIONS, LowRankLlamaForCausalLM, preset_config
@@ -19,13 +20,10 @@ TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y:
 NEAR_FULL = {"q_proj": 63, "k_proj": 31, "v_proj": 31, "o_proj": 63, "gate_proj": 63, "up_proj": 63, "down_proj": 63}
 
 # Runs in a fresh interpreter in which any import of hf_lowrank fails: plain transformers must load the folder.
-BLOCKED_LOAD = r"""
+BLOCKED_LOAD = (
+    BLOCK_HF_LOWRANK
+    + r"""
 import sys, json
-class BlockHfLowrank:
-    def find_spec(self, name, path=None, target=None):
-        if name == "hf_lowrank" or name.startswith("hf_lowrank."):
-            raise ImportError("hf_lowrank is blocked in this process")
-sys.meta_path.insert(0, BlockHfLowrank())
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
@@ -34,6 +32,7 @@ ids = torch.tensor(json.loads(sys.argv[2]))
 print(json.dumps({"class": type(model).__module__ + "." + type(model).__name__,
                   "logits": model(ids).logits.tolist(), "encoded": tokenizer("def add")["input_ids"]}))
 """
+)
 
 
 def dense_config(**overrides) -> LlamaConfig:

@@ -23,6 +23,7 @@ from hf_lowrank.cli import main as cli_main
 from hf_lowrank.hub import PushError, push_to_hub
 
 sys.path.insert(0, str(Path(__file__).parent))
+from blocked_package import BLOCK_HF_LOWRANK  # noqa: E402
 from hub_server import FakeHub  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -51,19 +52,17 @@ SAVED = {
     "configuration_lowrank.py",
 }
 # Runs in a fresh interpreter where any import of hf_lowrank fails: loads a repo id from HF_HUB_CACHE, offline.
-LOAD_WITHOUT_PACKAGE = r"""
+LOAD_WITHOUT_PACKAGE = (
+    BLOCK_HF_LOWRANK
+    + r"""
 import json, sys
-class BlockHfLowrank:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "hf_lowrank":
-            raise ImportError("hf_lowrank is blocked in this process")
-sys.meta_path.insert(0, BlockHfLowrank())
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
 logits = model(torch.tensor(json.loads(sys.argv[2]))).logits
 print(json.dumps({"module": type(model).__module__, "logits": logits.tolist()}))
 """
+)
 RECORDS = {"training_summary.json", "eval_results.json", "training_curves.png", "tokenizer.json"}
 
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from blocked_package import BLOCK_HF_LOWRANK
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -24,13 +25,10 @@ IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
 
 # A process in which hf_lowrank cannot be imported loads the base model by remote code and applies the adapter with
 # nothing but transformers and peft (PEFT's own lora.Linear as the layer of the remote LowRankLinear class).
-REMOTE_LOAD = r"""
+REMOTE_LOAD = (
+    BLOCK_HF_LOWRANK
+    + r"""
 import sys, json
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name == "hf_lowrank" or name.startswith("hf_lowrank."):
-            raise ImportError("hf_lowrank is blocked in this process")
-sys.meta_path.insert(0, Block())
 import torch
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora.layer import Linear as LoraLinear
@@ -44,6 +42,7 @@ assert "hf_lowrank" not in sys.modules
 logits = model(torch.tensor(json.loads(sys.argv[3]))).logits
 print(json.dumps({"module": type(model.base_model.model).__module__, "logits": logits.tolist()}))
 """
+)
 
 
 class TokenBlocks(torch.utils.data.Dataset):

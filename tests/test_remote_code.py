@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from blocked_package import BLOCK_HF_LOWRANK
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import hf_lowrank
@@ -24,13 +25,10 @@ PACKAGE = Path(hf_lowrank.__file__).parent
 STDLIB_OK = {"inspect", "math", "collections", "typing", "dataclasses", "functools"}
 
 # Runs in a fresh interpreter in which any import of hf_lowrank fails.
-BLOCKED_LOAD = r"""
+BLOCKED_LOAD = (
+    BLOCK_HF_LOWRANK
+    + r"""
 import sys, json
-class BlockHfLowrank:
-    def find_spec(self, name, path=None, target=None):
-        if name == "hf_lowrank" or name.startswith("hf_lowrank."):
-            raise ImportError("hf_lowrank is blocked in this process")
-sys.meta_path.insert(0, BlockHfLowrank())
 import torch
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
@@ -40,6 +38,7 @@ assert "hf_lowrank" not in sys.modules
 generated = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
 print(json.dumps({"module": type(model).__module__, "logits": logits.tolist(), "generated": generated.tolist()}))
 """
+)
 
 
 def test_model_files_import_only_torch_transformers_and_each_other():
@@ -102,13 +101,10 @@ def test_with_package_imported_no_remote_code_is_needed(tmp_path):
 
 # Everything a user without the package does with a saved causal LM folder: the base model (and the feature-extraction
 # pipeline), a task head, and the stock Trainer's label smoothing, which must shift the labels.
-BLOCKED_USES = r"""
+BLOCKED_USES = (
+    BLOCK_HF_LOWRANK
+    + r"""
 import sys, json
-class BlockHfLowrank:
-    def find_spec(self, name, path=None, target=None):
-        if name == "hf_lowrank" or name.startswith("hf_lowrank."):
-            raise ImportError("hf_lowrank is blocked in this process")
-sys.meta_path.insert(0, BlockHfLowrank())
 import torch
 from transformers import (AutoModel, AutoModelForSequenceClassification, AutoModelForCausalLM, Trainer,
                           TrainingArguments, pipeline)
@@ -131,6 +127,7 @@ print(json.dumps({
     "loss": loss.item(), "shifted": shifted.item(),
 }))
 """
+)
 
 
 def _byte_tokenizer():
