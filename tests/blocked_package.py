@@ -10,3 +10,22 @@ class BlockHfLowrank:
             raise ImportError("hf_lowrank is blocked in this process")
 sys.meta_path.insert(0, BlockHfLowrank())
 """
+
+
+def run_without_package(script: str, *args, cwd, timeout: int = 300, env: dict | None = None) -> dict:
+    """Run ``script`` (which starts with ``BLOCK_HF_LOWRANK``) in a fresh interpreter with ``args``; it must exit 0
+    and print a JSON object as its last line, which is returned."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

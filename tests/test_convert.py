@@ -1,12 +1,10 @@
 """Dense ⇄ low-rank conversion: Eckart–Young errors, exact copies, logits, round trips, and `hf-lowrank convert`."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from blocked_package import BLOCK_HF_LOWRANK
+from blocked_package import BLOCK_HF_LOWRANK, run_without_package
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_lowrank import LOWRANK_PROJECTIONS, LowRankLlamaForCausalLM, preset_config
@@ -250,15 +248,7 @@ def test_cli_to_dense_loads_with_plain_transformers(tmp_path, tokenizer):
     assert json.loads((destination / "conversion_report.json").read_text())["direction"] == "lowrank_to_dense"
 
     ids = token_ids()
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCKED_LOAD, str(destination), json.dumps(ids.tolist())],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    payload = run_without_package(BLOCKED_LOAD, str(destination), json.dumps(ids.tolist()), cwd=tmp_path)
     assert payload["class"] == "transformers.models.llama.modeling_llama.LlamaForCausalLM"
     torch.testing.assert_close(torch.tensor(payload["logits"]), lowrank(ids).logits, atol=1e-5, rtol=0)
     assert payload["encoded"] == tokenizer("def add")["input_ids"]

@@ -6,7 +6,6 @@ import os
 import re
 import runpy
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from hf_lowrank.cli import main as cli_main
 from hf_lowrank.hub import PushError, push_to_hub
 
 sys.path.insert(0, str(Path(__file__).parent))
-from blocked_package import BLOCK_HF_LOWRANK  # noqa: E402
+from blocked_package import BLOCK_HF_LOWRANK, run_without_package  # noqa: E402
 from hub_server import FakeHub  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
@@ -313,16 +312,9 @@ def test_pushed_repo_loads_by_repo_id_from_the_hub_cache(saved, tmp_path, hub, m
 
     # Where hf_lowrank cannot be imported, the code pushed to the repo runs as remote code and gives the same logits.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_MODULES_CACHE": str(tmp_path / "mod")}
-    result = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_PACKAGE, REPO, json.dumps(ids.tolist())],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env=env,
+    payload = run_without_package(
+        LOAD_WITHOUT_PACKAGE, REPO, json.dumps(ids.tolist()), cwd=tmp_path, timeout=120, env=env
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert payload["module"].startswith("transformers_modules"), payload["module"]
     assert torch.equal(torch.tensor(payload["logits"]), expected)
 

@@ -2,12 +2,10 @@
 reloaded (with the package and by remote code only), merged exactly into a rank-grown factorized model."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from blocked_package import BLOCK_HF_LOWRANK
+from blocked_package import BLOCK_HF_LOWRANK, run_without_package
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -128,12 +126,7 @@ def test_merge_adapter_and_unmerge_round_trip(trained):
 @pytest.mark.slow
 def test_remote_code_process_applies_the_adapter(trained, tmp_path):
     base, adapter, model = trained
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_LOAD, str(base), str(adapter), json.dumps(IDS.tolist())],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    payload = run_without_package(REMOTE_LOAD, str(base), str(adapter), json.dumps(IDS.tolist()), cwd=tmp_path)
     assert payload["module"].startswith("transformers_modules"), payload["module"]
     with torch.no_grad():
         torch.testing.assert_close(torch.tensor(payload["logits"]), model(IDS).logits, rtol=1e-5, atol=1e-5)

@@ -3,13 +3,11 @@ code where it can."""
 
 import ast
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from blocked_package import BLOCK_HF_LOWRANK
+from blocked_package import BLOCK_HF_LOWRANK, run_without_package
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import hf_lowrank
@@ -74,15 +72,7 @@ def test_remote_code_load_without_package_gives_identical_logits(tmp_path):
     model = LowRankLlamaForCausalLM(preset_config("tiny")).eval()
     model.save_pretrained(tmp_path)
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3))
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCKED_LOAD, str(tmp_path), json.dumps(ids.tolist())],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    payload = run_without_package(BLOCKED_LOAD, str(tmp_path), json.dumps(ids.tolist()), cwd=tmp_path)
     assert payload["module"].startswith("transformers_modules"), payload["module"]
     assert torch.equal(torch.tensor(payload["logits"]), model(ids).logits)
     expected = model.generate(ids[:, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -159,15 +149,9 @@ def test_remote_code_base_model_heads_pipeline_and_label_smoothing_without_packa
     model.save_pretrained(tmp_path / "model")
     _byte_tokenizer().save_pretrained(tmp_path / "model")
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(3))
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCKED_USES, str(tmp_path / "model"), json.dumps(ids.tolist()), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
+    payload = run_without_package(
+        BLOCKED_USES, str(tmp_path / "model"), json.dumps(ids.tolist()), str(tmp_path / "out"), cwd=tmp_path
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert payload["base"] == "LowRankLlamaModel" and payload["base_module"].startswith("transformers_modules")
     assert torch.equal(torch.tensor(payload["hidden"]), model.model(ids).last_hidden_state)
     assert payload["features_width"] == model.config.hidden_size
