@@ -15,13 +15,13 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
 from .configuration_lowrank import LOWRANK_PROJECTIONS, LowRankLlamaConfig, count_parameters
-from .files import TOKENIZER_FILES
+from .files import EVAL_RESULTS_NAME, TOKENIZER_FILES, TRAINING_SUMMARY_NAME
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 
 # Files the training and evaluation jobs write beside the weights; every one of them is optional.
-TRAINING_SUMMARY = "training_summary.json"
-EVAL_RESULTS = "eval_results.json"
+TRAINING_SUMMARY = TRAINING_SUMMARY_NAME
+EVAL_RESULTS = EVAL_RESULTS_NAME
 CURVES_PLOT = "training_curves.png"
 
 # Metadata every published card carries; `validate_model_card` refuses a card without it.

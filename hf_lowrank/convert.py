@@ -19,7 +19,7 @@ from transformers.initialization import no_init_weights
 
 from .cli_support import CommandParser
 from .configuration_lowrank import LOWRANK_PROJECTIONS, LowRankLlamaConfig
-from .files import TOKENIZER_FILES
+from .files import TOKENIZER_FILES, write_text_atomic
 from .modeling_lowrank import LowRankLinear, LowRankLlamaForCausalLM
 
 REPORT_NAME = "conversion_report.json"
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     model.save_pretrained(destination)
     if tokenizer is not None:
         tokenizer.save_pretrained(destination)
-    (destination / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(destination / REPORT_NAME, json.dumps(report, indent=2) + "\n")
     print(f"saved {type(model).__name__} to {destination}" + (" with its tokenizer" if tokenizer else ""))
     return 0
 

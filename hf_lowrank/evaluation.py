@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from .cli_support import CommandParser
+from .files import EVAL_RESULTS_NAME, write_text_atomic
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity.py"
-RESULTS_NAME = "eval_results.json"
+RESULTS_NAME = EVAL_RESULTS_NAME
 DEFAULT_BATCH_SIZE = 8
 
 
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
     }
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(output, json.dumps(record, indent=2) + "\n")
     where = source["dataset"] + (f" [{source['split']}]" if source["split"] else "")
     print(
         f"perplexity {record['perplexity']:.4f} (loss {record['loss']:.4f} nats/token) over {record['tokens']:,} "

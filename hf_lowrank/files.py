@@ -7,9 +7,15 @@ beside its destination, fsynced, renamed over it, and the rename is made durable
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 STAGING_PREFIX = ".tmp-"  # a file or folder being written: .tmp-checkpoint-N, .tmp-metrics.json.<pid>
+
+# Records a model folder carries beside its weights: written by `pretrain` and `evaluate`, read by the card and
+# uploaded by `push`.
+TRAINING_SUMMARY_NAME = "training_summary.json"
+EVAL_RESULTS_NAME = "eval_results.json"
 
 # The files a saved tokenizer may consist of (any `transformers` tokenizer, slow or fast): a model folder holding one
 # of them carries a tokenizer, which conversion copies and publishing uploads.
@@ -59,11 +65,38 @@ def write_json_atomic(path: str | os.PathLike, payload: dict, *, sort_keys: bool
     write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
+def write_folder_atomic(folder: str | os.PathLike, files: dict[str, "os.PathLike | bytes"]) -> None:
+    """Create ``folder`` (absent or empty) holding ``files``, relative path -> bytes or a file to copy, all or nothing:
+    they are written into a staging folder beside it, fsynced, and the folder is renamed into place."""
+    folder = Path(folder)
+    staging = folder.with_name(f"{STAGING_PREFIX}{folder.name}.{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for relative, content in files.items():
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                shutil.copyfile(content, target)
+            fsync_file(target)
+        if folder.exists():
+            folder.rmdir()  # empty, as the caller checked; a file that appeared since makes this fail, losing nothing
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    fsync_dir(folder.parent)
+
+
 __all__ = [
+    "EVAL_RESULTS_NAME",
     "STAGING_PREFIX",
     "TOKENIZER_FILES",
+    "TRAINING_SUMMARY_NAME",
     "fsync_dir",
     "fsync_file",
+    "write_folder_atomic",
     "write_json_atomic",
     "write_text_atomic",
 ]

@@ -36,6 +36,7 @@ from transformers import (
 
 from .cli_support import HfCommandParser
 from .configuration_lowrank import ATTENTION_PROJECTIONS, LOWRANK_FACTOR_NAMES, LOWRANK_PROJECTIONS, MLP_PROJECTIONS
+from .files import write_text_atomic
 
 logger = logging.getLogger("hf_lowrank.finetune")
 
@@ -138,7 +139,7 @@ def run(finetune_args: FinetuneArguments, data_args, training_args: TrainingArgu
             merged = merge_and_unload(reloaded)  # exact; whole-projection adapters grow the rank (config updated)
             merged.save_pretrained(out / "merged")
             tokenizer.save_pretrained(out / "merged")
-        (out / "finetune_results.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(out / "finetune_results.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -9,7 +9,6 @@ leaves the branch as it was.
 import json
 import os
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from .cards import (
 )
 from .cli_support import CommandParser
 from .configuration_lowrank import count_parameters
-from .files import TOKENIZER_FILES
+from .files import TOKENIZER_FILES, write_folder_atomic
 from .modeling_lowrank import AUTO_CLASSES
 
 PACKAGE_DIR = Path(__file__).parent
@@ -163,14 +162,7 @@ def write_folder(files: dict[str, Path | bytes], folder) -> Path:
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise ValueError(f"Dry-run folder {folder} is not empty; pass a new or empty folder.")
-    folder.mkdir(parents=True, exist_ok=True)
-    for path, content in files.items():
-        target = folder / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, bytes):
-            target.write_bytes(content)
-        else:
-            shutil.copyfile(content, target)
+    write_folder_atomic(folder, files)
     return folder
 
 

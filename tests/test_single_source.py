@@ -72,6 +72,8 @@ def _defined_in(name: str) -> list[str]:
         ("write_text_atomic", "files.py"),
         ("write_json_atomic", "files.py"),
         ("fsync_dir", "files.py"),
+        ("TRAINING_SUMMARY_NAME", "files.py"),
+        ("EVAL_RESULTS_NAME", "files.py"),
         ("BUILTIN_DATASET", "training/data.py"),
         ("LOCAL_FILES_DATASET", "training/data.py"),
     ],
@@ -123,6 +125,45 @@ def test_no_other_module_spells_the_dataset_names():
         for module, source in _sources().items()
         if module != "training/data.py" and {BUILTIN_DATASET, LOCAL_FILES_DATASET} & set(_string_constants(source))
     ]
+    assert not offenders
+
+
+def test_no_other_module_spells_a_record_file_name():
+    """`training_summary.json` and `eval_results.json` are written by one command and read by others (the card, push):
+    a second spelling would let them drift apart."""
+    names = {"training_summary.json", "eval_results.json"}
+    offenders = [
+        module
+        for module, source in _sources().items()
+        if module != "files.py" and names & set(_string_constants(source))
+    ]
+    assert not offenders
+
+
+def test_files_are_written_only_through_the_atomic_writers():
+    """A record, report or table a command leaves behind is complete or absent (R1): no module writes a file in
+    place. `Path.write_text`/`write_bytes`, `json.dump` to a handle and `open(..., "w")` belong to `files.py` (and
+    to the checkpoint writer, which stages a whole folder); `/proc` control files are not records."""
+    allowed = {"files.py"}
+    offenders = []
+    for module, source in _sources().items():
+        if module in allowed:
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if name in ("write_text", "write_bytes") or (
+                isinstance(func, ast.Attribute) and name == "dump" and getattr(func.value, "id", "") == "json"
+            ):
+                offenders.append((module, node.lineno, name))
+            elif name == "open" and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant):
+                target = node.args[0]
+                if "w" in str(node.args[1].value) and not (
+                    isinstance(target, ast.Constant) and str(target.value).startswith("/proc/")
+                ):
+                    offenders.append((module, node.lineno, "open"))
     assert not offenders
 
 

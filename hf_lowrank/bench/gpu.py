@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..cli_support import CommandParser
+from ..files import write_text_atomic
 from ..optim import build_optimizer, lowrank_pairs
 from .memory import VARIANTS
 from .suite import (
@@ -223,7 +224,7 @@ def run_gpu_check(out: Path, cpu_smoke: bool = False, budget_s: float = 270.0, r
     def save():
         result["elapsed_s"] = time.perf_counter() - began
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        write_text_atomic(out, json.dumps(result, indent=1) + "\n")
 
     def within_budget(what: str) -> bool:
         if time.perf_counter() - began > budget_s:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..cli_support import CommandParser
+from ..files import write_text_atomic
 from .memory import VARIANTS, analytic_preset_ratios, measure_in_subprocess
 from .report import evaluate_targets, markdown
 from .suite import (
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.render:
         table = markdown(json.loads(args.render.read_text()))
-        args.render.with_suffix(".md").write_text(table)
+        write_text_atomic(args.render.with_suffix(".md"), table)
         print(table)
         return 0
     if "OMP_WAIT_POLICY" not in os.environ:  # read when torch loaded: too late to set it here
@@ -160,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         table = markdown(result)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1) + "\n")
-            args.out.with_suffix(".md").write_text(table)
+            write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
+            write_text_atomic(args.out.with_suffix(".md"), table)
         return table
 
     result = run_benchmark(

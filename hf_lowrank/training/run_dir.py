@@ -36,13 +36,14 @@ from typing import IO, TypeVar
 
 import torch.distributed as dist
 
+from ..files import TRAINING_SUMMARY_NAME
 from .checkpointing import MANIFEST_NAME, STAGING_PREFIX, TRASH_PREFIX, list_checkpoints, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 COMPLETE_NAME = "run_complete.json"
-SUMMARY_NAME = "training_summary.json"
+SUMMARY_NAME = TRAINING_SUMMARY_NAME
 
 T = TypeVar("T")
 
