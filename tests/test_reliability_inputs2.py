@@ -114,12 +114,15 @@ def test_splits_smaller_than_one_batch_are_refused_before_training(tmp_path, arg
     ],
     ids=["latin-1", "binary"],
 )
-def test_a_file_that_is_not_utf8_is_named(tmp_path, content, reason):
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, content, reason, streaming):
+    """Streaming reads the bad file only when training reaches it, after hours; it is named before step 0 too."""
     good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
     good.write_text("def g():\n    return 1\n" * 50)
     bad.write_bytes(content)
+    args = DataArguments(train_files=[str(good), str(bad)], validation_split_percentage=0, streaming=streaming)
     with pytest.raises(ValueError, match=re.escape(f"The data file {bad} is not UTF-8 text ({reason})")):
-        load_raw_datasets(DataArguments(train_files=[str(good), str(bad)], validation_split_percentage=0))
+        load_raw_datasets(args)
 
 
 def test_a_json_text_column_of_numbers_is_named(tmp_path):

@@ -237,9 +237,10 @@ def _not_utf8(path: str, chunk_bytes: int = 1 << 20) -> str | None:
             offset += len(chunk)
 
 
-def _raise_for_bad_file(files: list[str], error: Exception) -> None:
-    """After `load_dataset` failed on local files: raise an error naming the file that is not UTF-8 text (a Latin-1
-    or binary file), if there is one; otherwise return and let the caller re-raise the original error."""
+def _raise_for_bad_file(files: list[str], error: Exception | None) -> None:
+    """Raise an error naming the first of ``files`` that is not UTF-8 text (a Latin-1 or binary file), chained to
+    ``error`` (`load_dataset`'s, when it failed on them), if there is one; otherwise return (and the caller
+    re-raises ``error``)."""
     for path in files:
         reason = _not_utf8(path)
         if reason is not None:
@@ -312,6 +313,8 @@ def load_raw_datasets(args: DataArguments) -> DatasetDict | IterableDatasetDict:
                     )
             source = f"the files {all_files[:3]}{' ...' if len(all_files) > 3 else ''}"
             options = {"sample_by": args.text_sample_by, "keep_linebreaks": True} if builder == "text" else {}
+            if args.streaming:  # a stream reads a file only when training reaches it: check them all before step 0
+                _raise_for_bad_file(all_files, None)
             try:
                 raw = load_dataset(builder, data_files=data_files, streaming=args.streaming, **options)
             except Exception as error:  # noqa: BLE001 - `datasets` wraps the decoder's error; re-raised with the file
