@@ -216,6 +216,24 @@ def test_resume_from_a_checkpoint_saved_after_a_rollback_is_exact(tmp_path, tiny
         assert torch.equal(a, b), name
 
 
+def test_a_rollback_in_the_last_epoch_still_trains_max_steps(tmp_path, tiny_data):
+    """3 steps per epoch and max_steps=9 make the stock Trainer plan 3 epochs: exactly 9 batches. A rollback leaves
+    the spike's batches consumed, so the run needs a 4th epoch; without it the run would end at step 8, short of the
+    max_steps the user asked for, and save that as final."""
+    guard = StepGuard(
+        spike_detector=LossSpikeDetector(window=2, threshold=3.0, min_increase=0.5, warmup=0),
+        spike_action="rollback",
+        max_rollbacks=1,
+    )
+    trainer = make_trainer(
+        tmp_path / "run", tiny_data, guard=guard, poison={3: 30.0}, train_blocks=24, max_steps=9, save_steps=2
+    )
+    trainer.train()
+    assert trainer.guard.rollbacks == 1
+    assert trainer.state.global_step == 9 and len(trainer.batch_hashes) == 10
+    assert [r["step"] for r in trainer.state.log_history if "loss" in r][-1] == 9
+
+
 # ---------------------------------------------------------------------------------------------- R2: malformed files
 @pytest.fixture(scope="module")
 def two_checkpoints(four_steps):

@@ -318,6 +318,21 @@ class LowRankTrainer(Trainer):
         self.guard.load_state_dict(state["guard"])
         self._data_step_offset = state.get("data_step_offset", 0)
 
+    def set_initial_training_values(self, args, dataloader):
+        """The stock Trainer's values, with room for rollbacks in the epoch count.
+
+        With ``max_steps`` and a sized dataset it plans ``ceil(max_steps / steps_per_epoch)`` epochs, exactly the
+        batches ``max_steps`` steps use. A rollback leaves the batches after its checkpoint consumed, so the run
+        would run out of epochs short of ``max_steps`` and save that as final. Each rollback rewinds at most
+        ``max_steps`` steps, so ``max_rollbacks`` more such spans always suffice; the loop still ends at
+        ``max_steps``, and the learning-rate schedule is not affected (it follows ``max_steps``)."""
+        values = list(super().set_initial_training_values(args, dataloader))
+        guard = self.guard
+        if args.max_steps > 0 and guard.spike_action == ROLLBACK and guard.max_rollbacks > 0:
+            max_steps, steps_per_epoch = values[6], values[1]
+            values[0] = max(values[0], math.ceil(max_steps * (1 + guard.max_rollbacks) / steps_per_epoch))
+        return tuple(values)
+
     def _init_training_state(self, max_steps, num_update_steps_per_epoch, *args, **kwargs):
         """Replaces `Trainer._init_training_state`'s data position at resume (it calls the original first).
 
