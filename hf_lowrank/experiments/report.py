@@ -145,6 +145,10 @@ def summarize(plan: StudyPlan, done: dict[str, dict], data_info: dict) -> dict:
     spectron = variants.get(RANK_VARIANT, {})
     rank_ablation[f"{factorized.rank_ratio:g}"] = spectron.get("final_loss", [])
     rank_ablation = dict(sorted(rank_ablation.items(), key=lambda kv: float(kv[0])))
+    rank_models = {}
+    for ratio in rank_ablation:
+        config = s.model_config(dense=False, rank_ratio=float(ratio))
+        rank_models[ratio] = {"rank": config.rank_for("q_proj"), "parameters": count_parameters(config).total}
 
     equal_flops = {}
     if "dense_adamw" in variants and variants["dense_adamw"]["seeds_at_best_lr"]:
@@ -178,6 +182,7 @@ def summarize(plan: StudyPlan, done: dict[str, dict], data_info: dict) -> dict:
         "variants": variants,
         "rank_ablation": rank_ablation,
         "rank_ablation_dense_reference": variants.get("dense_adamw", {}).get("final_loss", []),
+        "rank_ablation_models": rank_models,  # rank of the square projections and total parameters per ratio
         "equal_flops": equal_flops,
         "stress": stress,
         "settings": dataclasses.asdict(s),
@@ -333,12 +338,19 @@ def results_markdown(summary: dict) -> str:
     lines += [
         "## Rank ablation (Spectron at its best lr)",
         "",
-        "| rank ratio | final loss (seeds) |",
-        "| ---: | ---: |",
+        "| rank ratio | rank (hidden × hidden projections) | parameters | final loss (seeds) |",
+        "| ---: | ---: | ---: | ---: |",
     ]
+    models = summary.get("rank_ablation_models", {})
     for ratio, losses in summary["rank_ablation"].items():
-        lines.append(f"| {ratio} | {_seeds(losses)} |")
-    lines.append(f"| dense (AdamW) | {_seeds(summary['rank_ablation_dense_reference'])} |")
+        model = models.get(ratio, {})
+        rank, params = model.get("rank", "—"), model.get("parameters")
+        lines.append(f"| {ratio} | {rank} | {f'{params / 1e6:.2f}M' if params else '—'} | {_seeds(losses)} |")
+    dense_params = summary["model"]["parameters"].get("dense")
+    lines.append(
+        f"| dense (AdamW) | — | {f'{dense_params / 1e6:.2f}M' if dense_params else '—'} | "
+        f"{_seeds(summary['rank_ablation_dense_reference'])} |"
+    )
     lines += [
         "",
         "## Equal training FLOPs",
