@@ -69,8 +69,8 @@ class LowRankTrainer(Trainer):
       (see :mod:`hf_lowrank.training.checkpointing`);
     * the guard's counters and the spike detector's state travel in each checkpoint (JSON).
 
-    Six private `Trainer` methods are overridden, because Transformers offers no public hook at those points. Each
-    override's docstring starts with "Replaces `Trainer.<name>`" and says which behaviour it changes and why;
+    Six private `Trainer` methods and `set_initial_training_values` (public by name, called only by the training
+    loop) are overridden, because Transformers offers no public hook at those points. Each override's docstring starts with "Replaces `Trainer.<name>`" and says which behaviour it changes and why;
     ``tests/test_reliability_*.py`` test those behaviours (not the private calls), so a Transformers upgrade that
     renames or reshapes one of them fails there first. Checked against Transformers 5.24.
     """
@@ -319,7 +319,7 @@ class LowRankTrainer(Trainer):
         self._data_step_offset = state.get("data_step_offset", 0)
 
     def set_initial_training_values(self, args, dataloader):
-        """The stock Trainer's values, with room for rollbacks in the epoch count.
+        """Replaces `Trainer.set_initial_training_values`'s epoch count (the other values are the original's).
 
         With ``max_steps`` and a sized dataset it plans ``ceil(max_steps / steps_per_epoch)`` epochs, exactly the
         batches ``max_steps`` steps use. A rollback leaves the batches after its checkpoint consumed, so the run
