@@ -372,7 +372,14 @@ def results_markdown(summary: dict) -> str:
     ]
     for r in summary["stress"]:
         twin = r["clipped_twin"]
-        twin_text = "not trained" if twin is None else f"{_loss(twin['final_loss'])}, {_num(twin['max_update_norm'])}"
+        if twin is None:
+            twin_text = "not trained"
+        elif twin["steps_done"] < twin["steps"] and not twin["diverged"]:  # pruned at the rung: not a final loss
+            twin_text = (
+                f"{_loss(twin['final_loss'])} at step {twin['steps_done']} (pruned), {_num(twin['max_update_norm'])}"
+            )
+        else:
+            twin_text = f"{_loss(twin['final_loss'])}, {_num(twin['max_update_norm'])}"
         status = f"diverged at step {r['steps_done']}" if r["diverged"] else "trained"
         lines.append(
             f"| {VARIANTS[r['variant']].label} | {r['lr']:g} | {_loss(r['final_loss'])} | {status} | "
