@@ -70,9 +70,10 @@ class LowRankTrainer(Trainer):
     * the guard's counters and the spike detector's state travel in each checkpoint (JSON).
 
     Six private `Trainer` methods and `set_initial_training_values` (public by name, called only by the training
-    loop) are overridden, because Transformers offers no public hook at those points. Each override's docstring starts with "Replaces `Trainer.<name>`" and says which behaviour it changes and why;
-    ``tests/test_reliability_*.py`` test those behaviours (not the private calls), so a Transformers upgrade that
-    renames or reshapes one of them fails there first. Checked against Transformers 5.24.
+    loop) are overridden, because Transformers offers no public hook at those points. Each override's docstring
+    starts with "Replaces `Trainer.<name>`" and says which behaviour it changes and why; ``tests/test_reliability_*.py``
+    test those behaviours (not the private calls), so a Transformers upgrade that renames or reshapes one of them
+    fails there first. Checked against Transformers 5.24.
     """
 
     def __init__(
