@@ -7,14 +7,13 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
+from trainers import tiny_trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_lowrank
-from hf_lowrank import LowRankLlamaForCausalLM, preset_config
-from hf_lowrank.training.arguments import OptimizerArguments
+from hf_lowrank import LowRankLlamaForCausalLM
 from hf_lowrank.training.diagnostics import LossSpikeDetector, SpectralDiagnosticsCallback
 from hf_lowrank.training.pretrain import build_config, parse_args
-from hf_lowrank.training.trainer import LowRankTrainer
 
 TINY_RUN = [
     "--preset",
@@ -35,34 +34,15 @@ TINY_RUN = [
 
 
 def make_trainer(tmp_path, tiny_data, optimizer="spectron", callbacks=None, **overrides):
-    tokenizer, train, evaluation = tiny_data
-    torch.manual_seed(0)
-    model = LowRankLlamaForCausalLM(preset_config("tiny", **overrides.pop("model", {})))
-    defaults = dict(
-        output_dir=str(tmp_path),
-        max_steps=12,
-        per_device_train_batch_size=8,
-        learning_rate=0.02,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        dataloader_pin_memory=False,
-        lr_scheduler_type="cosine",
-        warmup_steps=2,
-    )
-    defaults.update(overrides)
-    opt_args = OptimizerArguments(optimizer=optimizer, adamw_learning_rate=3e-3)
-    return LowRankTrainer(
-        model=model,
-        args=TrainingArguments(**defaults),
-        train_dataset=train,
-        eval_dataset=evaluation,
-        data_collator=default_data_collator,
-        processing_class=tokenizer,
+    model_overrides = overrides.pop("model", {})
+    settings = dict(max_steps=12, save_strategy="no", lr_scheduler_type="cosine", warmup_steps=2)
+    return tiny_trainer(
+        tmp_path,
+        tiny_data,
+        {**settings, **overrides},
+        model_overrides=model_overrides,
+        optimizer=optimizer,
         callbacks=callbacks,
-        optimizer_args=opt_args,
     )
 
 

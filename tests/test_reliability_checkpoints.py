@@ -11,13 +11,11 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_model
 from safetensors.torch import load_file
-from transformers import TrainingArguments, default_data_collator
+from trainers import tiny_trainer
 from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_lowrank.training.arguments import OptimizerArguments
 from hf_lowrank.training.checkpointing import (
     CRASH_ENV,
     MANIFEST_NAME,
@@ -32,7 +30,6 @@ from hf_lowrank.training.checkpointing import (
     verify_checkpoint,
     write_manifest,
 )
-from hf_lowrank.training.trainer import LowRankTrainer
 
 PRETRAIN = [
     "--preset", "tiny", "--max_corpus_bytes", "250000", "--per_device_train_batch_size", "4",
@@ -42,32 +39,8 @@ PRETRAIN = [
 
 
 def make_trainer(output_dir, tiny_data, optimizer="spectron", **overrides):
-    tokenizer, train, evaluation = tiny_data
-    model = tiny_model()
-    args = dict(
-        output_dir=str(output_dir),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=0.02,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=2,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        dataloader_pin_memory=False,
-        disable_tqdm=True,
-    )
-    args.update(overrides)
-    return LowRankTrainer(
-        model=model,
-        args=TrainingArguments(**args),
-        train_dataset=train,
-        eval_dataset=evaluation,
-        data_collator=default_data_collator,
-        processing_class=tokenizer,
-        optimizer_args=OptimizerArguments(optimizer=optimizer, adamw_learning_rate=3e-3),
-    )
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    return tiny_trainer(output_dir, tiny_data, {**settings, **overrides}, optimizer=optimizer)
 
 
 @pytest.fixture(scope="module")

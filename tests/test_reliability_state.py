@@ -1,7 +1,6 @@
 """Checkpoints hold only finite tensors (R22), resume is explicit about settings (R23) and exact after a rollback
 (R3, R4), malformed checkpoint files are named and skipped (R2), a full disk is reported as such. Real tiny runs."""
 
-import hashlib
 import json
 import logging
 import math
@@ -12,9 +11,9 @@ import subprocess
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback, TrainingArguments, default_data_collator
+from trainers import PoisonTrainer, tiny_trainer
+from transformers import TrainerCallback
 
-from hf_lowrank import LowRankLlamaForCausalLM, preset_config
 from hf_lowrank.training.arguments import OptimizerArguments
 from hf_lowrank.training.checkpointing import (
     MANIFEST_NAME,
@@ -26,51 +25,17 @@ from hf_lowrank.training.checkpointing import (
 )
 from hf_lowrank.training.diagnostics import LossSpikeDetector
 from hf_lowrank.training.guards import NonFiniteTrainingError, StepGuard
-from hf_lowrank.training.trainer import LowRankTrainer
-
-
-class PoisonTrainer(LowRankTrainer):
-    """Records a hash of every training batch and multiplies the loss of chosen forwards (1-based) by a factor."""
-
-    def __init__(self, *args, poison=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.poison = poison or {}
-        self.batch_hashes: list[str] = []
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.batch_hashes.append(hashlib.sha256(inputs["input_ids"].numpy().tobytes()).hexdigest())
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        factor = self.poison.get(len(self.batch_hashes)) if model.training else None
-        return loss if factor is None else loss * factor
 
 
 def make_trainer(output_dir, tiny_data, guard=None, poison=None, train_blocks=None, optimizer_args=None, **overrides):
-    tokenizer, train, evaluation = tiny_data
-    torch.manual_seed(0)
-    args = dict(
-        output_dir=str(output_dir),
-        max_steps=6,
-        per_device_train_batch_size=8,
-        learning_rate=0.02,
-        warmup_steps=0,
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=2,
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        dataloader_pin_memory=False,
-        disable_tqdm=True,
-    )
-    args.update(overrides)
-    return PoisonTrainer(
-        model=LowRankLlamaForCausalLM(preset_config("tiny")),
-        args=TrainingArguments(**args),
-        train_dataset=train if train_blocks is None else train.select(range(train_blocks)),
-        eval_dataset=evaluation,
-        data_collator=default_data_collator,
-        processing_class=tokenizer,
-        optimizer_args=optimizer_args or OptimizerArguments(optimizer="spectron", adamw_learning_rate=3e-3),
+    settings = dict(max_steps=6, warmup_steps=0, save_strategy="steps", save_steps=2)
+    return tiny_trainer(
+        output_dir,
+        tiny_data,
+        {**settings, **overrides},
+        trainer_class=PoisonTrainer,
+        train_blocks=train_blocks,
+        optimizer_args=optimizer_args,
         guard=guard,
         poison=poison,
     )

@@ -1,7 +1,6 @@
 """Exact resume (R3-R6), non-finite guard (R10) and loss-spike policy (R11), with real tiny Trainer runs."""
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -10,32 +9,21 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_model
 from safetensors.torch import load_file
-from transformers import TrainerCallback, TrainingArguments, default_data_collator
+from trainers import PoisonTrainer, tiny_trainer
+from transformers import TrainerCallback
 
-from hf_lowrank.training.arguments import OptimizerArguments
 from hf_lowrank.training.checkpointing import verify_checkpoint
 from hf_lowrank.training.diagnostics import LossSpikeDetector
 from hf_lowrank.training.guards import APPLY, ROLLBACK, SKIP, NonFiniteTrainingError, StepGuard
-from hf_lowrank.training.trainer import LowRankTrainer
 
 
-class RecordingTrainer(LowRankTrainer):
-    """Records a hash of every training batch, and multiplies the loss of chosen batches (1-based count of
-    training forwards) by a factor: NaN/inf for a non-finite step, a large number for a loss spike."""
+class RecordingTrainer(PoisonTrainer):
+    """A `PoisonTrainer` that also snapshots the state each rollback restored."""
 
-    def __init__(self, *args, poison=None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.poison = poison or {}
-        self.batch_hashes: list[str] = []
         self.rollback_snapshots: list[dict] = []
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.batch_hashes.append(hashlib.sha256(inputs["input_ids"].numpy().tobytes()).hexdigest())
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        factor = self.poison.get(len(self.batch_hashes)) if model.training else None
-        return loss if factor is None else loss * factor
 
     def _roll_back(self):
         super()._roll_back()
@@ -72,32 +60,13 @@ def states_equal(a: dict, b: dict) -> bool:
 
 
 def make_trainer(output_dir, tiny_data, train_blocks=None, guard=None, poison=None, callbacks=(), **overrides):
-    tokenizer, train, evaluation = tiny_data
-    model = tiny_model()
-    args = dict(
-        output_dir=str(output_dir),
-        max_steps=6,
-        per_device_train_batch_size=8,
-        learning_rate=0.02,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        dataloader_pin_memory=False,
-        disable_tqdm=True,
-    )
-    args.update(overrides)
-    return RecordingTrainer(
-        model=model,
-        args=TrainingArguments(**args),
-        train_dataset=train if train_blocks is None else train.select(range(train_blocks)),
-        eval_dataset=evaluation,
-        data_collator=default_data_collator,
-        processing_class=tokenizer,
-        optimizer_args=OptimizerArguments(optimizer="spectron", adamw_learning_rate=3e-3),
+    settings = dict(max_steps=6, lr_scheduler_type="cosine", warmup_steps=0, save_strategy="no")
+    return tiny_trainer(
+        output_dir,
+        tiny_data,
+        {**settings, **overrides},
+        trainer_class=RecordingTrainer,
+        train_blocks=train_blocks,
         guard=guard,
         poison=poison,
         callbacks=list(callbacks),
