@@ -8,6 +8,7 @@ The variant tables are plain data, imported by the test files that parametrize o
 Fast loop: ``pytest -m "not slow"`` skips the multi-process and end-to-end tests (``@pytest.mark.slow``).
 """
 
+import multiprocessing
 import os
 
 # No network in tests: an unreachable Hub costs ~50 s of retries per load.
@@ -52,6 +53,22 @@ def tiny_model(variant: str = "lowrank", seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return LowRankLlamaForCausalLM(preset_config("tiny", **MODEL_VARIANTS[variant], **overrides))
+
+
+def fork_ranks(target, *args, world_size: int = 2, timeout: float = 120) -> tuple[list, list[int]]:
+    """Run ``target(rank, *args, results)`` in ``world_size`` forked processes (each sets up its own process group)
+    and return ``(what each put on results, one item each in arrival order, the processes' pids by rank)``, after
+    checking that every process exited with status 0."""
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    processes = [fork.Process(target=target, args=(rank, *args, results)) for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=timeout) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    return outcomes, [process.pid for process in processes]
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 the command resumes from it and ends bitwise equal to an uninterrupted run."""
 
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import fork_ranks
 from safetensors.torch import load_file
 
 from hf_lowrank.training.checkpointing import checkpoint_step, latest_complete_checkpoint, list_checkpoints
@@ -83,13 +83,6 @@ def _rank(rank, rendezvous, signalled, results):
 @pytest.mark.slow
 @pytest.mark.parametrize("signalled", [0, 1])
 def test_every_rank_stops_at_the_same_step(tmp_path, signalled):
-    fork = multiprocessing.get_context("fork")
-    results = fork.Queue()
-    ranks = [fork.Process(target=_rank, args=(r, tmp_path / "rendezvous", signalled, results)) for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    decisions = dict(results.get(timeout=120) for _ in ranks)
-    for p in ranks:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    outcomes, _ = fork_ranks(_rank, tmp_path / "rendezvous", signalled)
+    decisions = dict(outcomes)
     assert decisions == {0: [False, True, True], 1: [False, True, True]}

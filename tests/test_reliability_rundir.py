@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import fork_ranks
 from safetensors.torch import load_file
 
 from hf_lowrank.training import run_dir
@@ -214,22 +215,15 @@ def test_multi_process_runs_lock_once_and_share_the_outcome(tmp_path, held):
     holder = RunLock(out)
     if held:
         holder.acquire()  # another run, in this process
-    fork = multiprocessing.get_context("fork")
-    results = fork.Queue()
-    ranks = [fork.Process(target=_rank, args=(r, out, results)) for r in (0, 1)]
-    for p in ranks:
-        p.start()
-    outcome = sorted(results.get(timeout=120) for _ in ranks)
-    for p in ranks:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    outcomes, pids = fork_ranks(_rank, out)
+    outcome = sorted(outcomes)
     holder.release()
     if held:
         assert [o[:2] for o in outcome] == [(0, "refused"), (1, "refused")]
         assert all(f"process {os.getpid()}" in o[2] for o in outcome)
     else:
         assert [o[:3] for o in outcome] == [(0, "entered", None), (1, "entered", None)]
-        assert outcome[0][3] == outcome[1][3] == ranks[0].pid  # locked once, by rank 0
+        assert outcome[0][3] == outcome[1][3] == pids[0]  # locked once, by rank 0
 
 
 # ---------------------------------------------------------------------------------------------- R21

@@ -4,11 +4,11 @@ import copy
 import json
 import logging
 import math
-import multiprocessing
 import random
 
 import pytest
 import torch
+from conftest import fork_ranks
 from safetensors.torch import load_file
 from trainers import PoisonTrainer, tiny_trainer
 from transformers import TrainerCallback
@@ -271,19 +271,8 @@ def test_every_rank_makes_the_same_decision(tmp_path):
     ok = [(3.0, True), (3.1, True), (2.9, True), (3.0, True)]
     rank0 = ok + [(3.0, True), (3.0, True), (3.0, True)]
     rank1 = ok + [(math.nan, True), (3.0, False), (40.0, True)]
-    fork = multiprocessing.get_context("fork")
-    results = fork.Queue()
-    processes = [
-        fork.Process(target=_decide_on_rank, args=(rank, tmp_path / "init", [rank0, rank1], results)) for rank in (0, 1)
-    ]
-    for process in processes:
-        process.start()
-    outcomes = dict(
-        (rank, (verdicts, state)) for rank, verdicts, state in (results.get(timeout=120) for _ in processes)
-    )
-    for process in processes:
-        process.join(timeout=60)
-        assert process.exitcode == 0
+    results, _ = fork_ranks(_decide_on_rank, tmp_path / "init", [rank0, rank1])
+    outcomes = {rank: (verdicts, state) for rank, verdicts, state in results}
     assert outcomes[0] == outcomes[1]
     verdicts, state = outcomes[0]
     assert verdicts == [APPLY] * 4 + [SKIP, SKIP, SKIP]
