@@ -19,9 +19,7 @@ from .files import EVAL_RESULTS_NAME, TOKENIZER_FILES, TRAINING_SUMMARY_NAME
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 
-# Files the training and evaluation jobs write beside the weights; every one of them is optional.
-TRAINING_SUMMARY = TRAINING_SUMMARY_NAME
-EVAL_RESULTS = EVAL_RESULTS_NAME
+# Written by the training job beside the weights (optional, like training_summary.json and eval_results.json).
 CURVES_PLOT = "training_curves.png"
 
 # Metadata every published card carries; `validate_model_card` refuses a card without it.
@@ -292,8 +290,8 @@ def render_model_card(
     """
     model_dir = Path(model_dir)
     config = load_lowrank_config(model_dir)
-    summary = read_json_record(model_dir / TRAINING_SUMMARY) or {}
-    evaluation = read_json_record(model_dir / EVAL_RESULTS) or {}
+    summary = read_json_record(model_dir / TRAINING_SUMMARY_NAME) or {}
+    evaluation = read_json_record(model_dir / EVAL_RESULTS_NAME) or {}
     repo_id = repo_id or f"your-org/{model_dir.resolve().name}"
     revision = revision or "main"
     model_name = repo_id.split("/")[-1]

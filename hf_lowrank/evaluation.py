@@ -23,7 +23,6 @@ from .cli_support import CommandParser
 from .files import EVAL_RESULTS_NAME, write_text_atomic
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity.py"
-RESULTS_NAME = EVAL_RESULTS_NAME
 DEFAULT_BATCH_SIZE = 8
 
 
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if output is None:
         if not Path(args.model).is_dir():
             raise ValueError(f"{args.model!r} is not a local folder; pass --output to say where results go.")
-        output = Path(args.model) / RESULTS_NAME
+        output = Path(args.model) / EVAL_RESULTS_NAME
     texts, source = load_eval_texts(
         args.files, args.dataset_name, args.dataset_config_name, args.split, args.text_column
     )

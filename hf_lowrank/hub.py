@@ -18,15 +18,13 @@ from huggingface_hub.utils import validate_repo_id
 
 from . import __version__
 from .cards import (
-    EVAL_RESULTS,
-    TRAINING_SUMMARY,
     load_lowrank_config,
     plot_files,
     render_model_card,
 )
 from .cli_support import CommandParser
 from .configuration_lowrank import count_parameters
-from .files import TOKENIZER_FILES, write_folder_atomic
+from .files import EVAL_RESULTS_NAME, TOKENIZER_FILES, TRAINING_SUMMARY_NAME, write_folder_atomic
 from .modeling_lowrank import AUTO_CLASSES
 
 PACKAGE_DIR = Path(__file__).parent
@@ -149,7 +147,13 @@ def collect_upload(
         else:
             warnings.warn(f"{model_dir} has no {name}; uploading the one of hf-lowrank {__version__}.", stacklevel=2)
             files[name] = PACKAGE_DIR / name
-    optional = ("generation_config.json", *TOKENIZER_FILES, TRAINING_SUMMARY, EVAL_RESULTS, *plot_files(model_dir))
+    optional = (
+        "generation_config.json",
+        *TOKENIZER_FILES,
+        TRAINING_SUMMARY_NAME,
+        EVAL_RESULTS_NAME,
+        *plot_files(model_dir),
+    )
     files.update({name: model_dir / name for name in optional if (model_dir / name).is_file()})
 
     card = render_model_card(model_dir, repo_id, revision, license=license, **card_data)

@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
 COMPLETE_NAME = "run_complete.json"
-SUMMARY_NAME = TRAINING_SUMMARY_NAME
 
 T = TypeVar("T")
 
@@ -57,7 +56,7 @@ def is_run_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` was written by a run of this package (a lock file, a summary, a completion marker, or a
     checkpoint saved with this package's manifest, complete or still being written)."""
     path = Path(path)
-    if any((path / name).is_file() for name in (LOCK_NAME, SUMMARY_NAME, COMPLETE_NAME)):
+    if any((path / name).is_file() for name in (LOCK_NAME, TRAINING_SUMMARY_NAME, COMPLETE_NAME)):
         return True
     if any((checkpoint / MANIFEST_NAME).is_file() for checkpoint in list_checkpoints(path)):
         return True
@@ -79,7 +78,7 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> 
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise ValueError(
             f"--output_dir {path} is a non-empty folder ({shown}) that is not a run of hf-lowrank (no {LOCK_NAME}, "
-            f"{SUMMARY_NAME} or checkpoint of this package): its files would be overwritten. Choose a new or empty "
+            f"{TRAINING_SUMMARY_NAME} or checkpoint of this package): its files would be overwritten. Choose a new or empty "
             "--output_dir, or pass --overwrite_output_dir to write into it anyway."
         )
 

@@ -13,9 +13,7 @@ import torch
 import transformers
 from datasets import IterableDataset
 
-from ..evaluation import RESULTS_NAME
-from ..files import write_json_atomic
-from .run_dir import SUMMARY_NAME
+from ..files import EVAL_RESULTS_NAME, TRAINING_SUMMARY_NAME, write_json_atomic
 
 METRICS_NAME = "metrics.json"
 
@@ -98,7 +96,7 @@ def training_summary(trainer, train_result, *, started: float, train_seconds: fl
 
 def write_run_files(output_dir: Path, metrics: dict, eval_results: dict, summary: dict) -> None:
     """The three JSON files of a finished run (main process only)."""
-    for name, payload in ((METRICS_NAME, metrics), (RESULTS_NAME, eval_results), (SUMMARY_NAME, summary)):
+    for name, payload in ((METRICS_NAME, metrics), (EVAL_RESULTS_NAME, eval_results), (TRAINING_SUMMARY_NAME, summary)):
         write_json_atomic(output_dir / name, payload, sort_keys=False)  # keys in the order they were written
 
 
