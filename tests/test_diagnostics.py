@@ -96,8 +96,11 @@ def test_tiny_late_training_update_is_measured_exactly(relative_step):
     truth = torch.linalg.matrix_norm(up1.double() @ down1.double() - up0.double() @ down0.double(), 2).item()
     measured = lowrank_difference_spectral_norm(up0, down0, up1, down1).item()
     assert measured == pytest.approx(truth, rel=1e-4)
-    if relative_step <= 1e-6:  # what the float32 formula reported: an error of the size of the update itself
-        assert abs(_old_float32_difference_norm(up0, down0, up1, down1).item() - truth) > 0.1 * truth
+    if relative_step == 1e-7:
+        # What the float32 formula reported: below float32's resolution of the products (eps 1.2e-7) it measures
+        # rounding noise, several times the update itself (6-7x seen on an AMD EPYC at 1 and 2 threads; at 1e-6
+        # the error is 10-40% and depends on the CPU and thread count, so it is not asserted there).
+        assert abs(_old_float32_difference_norm(up0, down0, up1, down1).item() - truth) > 0.5 * truth
 
 
 def test_diagnostics_reach_report_to_backends_with_a_plain_trainer(tmp_path, monkeypatch):
@@ -138,3 +141,67 @@ def test_diagnostics_reach_report_to_backends_with_a_plain_trainer(tmp_path, mon
     history = {row["step"]: row for row in trainer.state.log_history if "loss" in row}
     assert history[4]["diag/update_norm_max"] == logged[4]["diag/update_norm_max"]
     assert began == [1]  # moving itself ahead of the backends skipped no other callback
+
+
+# ------------------------------------------------------------------------- exploded factors never crash a run
+@pytest.fixture
+def strict_lapack(monkeypatch):
+    """LAPACK as oneMKL behaves on some CPUs (AMD EPYC): a non-finite input raises `LinAlgError` instead of giving
+    NaN. Installed on every CPU, so the tests below fail wherever the diagnostics hand LAPACK such a matrix."""
+    for name in ("qr", "matrix_norm", "svdvals", "svd"):
+        original = getattr(torch.linalg, name)
+
+        def strict(matrix, *args, _original=original, _name=name, **kwargs):
+            if not torch.isfinite(matrix).all():
+                raise torch.linalg.LinAlgError(f"linalg.{_name}: The algorithm failed to converge (non-finite input)")
+            return _original(matrix, *args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, strict)
+
+
+@pytest.mark.parametrize("planted", [math.inf, -math.inf, math.nan, 1e30])
+def test_spectral_helpers_are_safe_on_exploded_factors(strict_lapack, planted):
+    from hf_lowrank.training.diagnostics import lowrank_product_spectral_norm
+
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(48, 4, generator=g), torch.randn(4, 40, generator=g)
+    up_after, down_after = up.clone(), down.clone()
+    up_after[3, 1] = planted
+    down_after[2] *= 1e10 if math.isfinite(planted) else 1.0  # 1e30 · 1e10: the product overflows float32
+    norms = {
+        "sigma_up": spectral_norm(up_after),
+        "weight": lowrank_product_spectral_norm(up_after, down_after),
+        "update": lowrank_difference_spectral_norm(up, down, up_after, down_after),
+        "dense update": spectral_norm(up_after.double() - up.double()),
+    }
+    for what, norm in norms.items():
+        assert norm.dtype in (torch.float32, torch.float64) and norm.ndim == 0, what
+        if math.isnan(planted):
+            assert torch.isnan(norm), what
+        elif math.isinf(planted):
+            assert torch.isinf(norm) and norm > 0, what
+        else:
+            assert norm > 1e29, what  # finite input: a real measurement (inf only beyond float32's range)
+    assert math.isfinite(lowrank_product_spectral_norm(up * 1e18, down * 1e18).item())  # 1e36: float64 inside
+
+
+def test_exploded_training_is_stopped_by_the_guard_not_by_a_measurement(tmp_path, tiny_data, strict_lapack):
+    """The sweep's planted divergence (naive low-rank AdamW at lr 1e30, diagnostics every step): the first update
+    blows the factors up to ~1e31, ‖W‖₂ is logged as inf, every later step is non-finite and skipped, and the step
+    guard stops the run with its own error after `max_consecutive_nonfinite` (5) of them."""
+    from trainers import tiny_trainer
+
+    from hf_lowrank.training.arguments import OptimizerArguments
+    from hf_lowrank.training.diagnostics import SpectralDiagnosticsCallback
+    from hf_lowrank.training.guards import NonFiniteTrainingError
+
+    diagnostics = SpectralDiagnosticsCallback(every=1)
+    trainer = tiny_trainer(
+        tmp_path, tiny_data, dict(max_steps=10, learning_rate=1e30, save_strategy="no", max_grad_norm=1.0),
+        optimizer_args=OptimizerArguments(optimizer="adamw"), callbacks=[diagnostics],
+    )  # fmt: skip
+    with pytest.raises(NonFiniteTrainingError):
+        trainer.train()
+    logged = [row for row in trainer.state.log_history if "diag/weight_norm_max" in row]
+    assert len(logged) == 6 and trainer.state.global_step == 6  # one update applied, five skipped, then the stop
+    assert math.isinf(logged[0]["diag/weight_norm_max"]) and logged[0]["diag/sigma_up_max"] > 1e20

@@ -18,11 +18,35 @@ from transformers.trainer_callback import CallbackHandler
 from ..modeling_lowrank import LowRankLinear
 
 
+def _nonfinite(*matrices: torch.Tensor) -> torch.Tensor | None:
+    """NaN if any input holds a NaN, inf if any holds an inf (float32 scalars), None if all are finite.
+
+    Exploded weights are exactly what these diagnostics exist to report, so they must never raise. LAPACK must not
+    be handed a non-finite matrix: oneMKL's SVD/QR raise `LinAlgError` ("SLASCL parameter 4 was incorrect") on some
+    CPUs (AMD EPYC) where others return NaN."""
+    if any(torch.isnan(m).any() for m in matrices):
+        return torch.tensor(math.nan)
+    if any(torch.isinf(m).any() for m in matrices):
+        return torch.tensor(math.inf)
+    return None
+
+
+def _largest_singular_value(matrix: torch.Tensor) -> torch.Tensor:
+    """``‖matrix‖₂`` in ``matrix``'s dtype; inf/NaN (never an error) for non-finite input or a failed solver."""
+    bad = _nonfinite(matrix)
+    if bad is not None:
+        return bad.to(matrix.dtype)
+    try:
+        return torch.linalg.matrix_norm(matrix, ord=2)
+    except torch.linalg.LinAlgError:  # did not converge: a measurement never stops training
+        return torch.tensor(math.nan, dtype=matrix.dtype)
+
+
 @torch.no_grad()
 def spectral_norm(matrix: torch.Tensor) -> torch.Tensor:
     """Largest singular value, in float32 (float64 input stays float64). For a thin factor (long × r) this is an SVD
-    of cost O(long · r²)."""
-    return torch.linalg.matrix_norm(matrix if matrix.dtype == torch.float64 else matrix.float(), ord=2)
+    of cost O(long · r²). NaN for a matrix holding NaN, inf for one holding inf."""
+    return _largest_singular_value(matrix if matrix.dtype == torch.float64 else matrix.float())
 
 
 @torch.no_grad()
@@ -36,24 +60,39 @@ def lowrank_difference_spectral_norm(
     where float64 gives 0.41). So the factor differences are taken first (exact: close floats subtract without
     rounding), ΔW = ΔU·down_after + up_before·ΔD = L·R with L = [ΔU, up_before] (out × 2r) and
     R = [down_after; ΔD] (2r × in), and everything after runs in float64. With L = Q_L T_L and Rᵀ = Q_R T_R (thin
-    QR), ‖L R‖₂ = ‖T_L T_Rᵀ‖₂, a (2r × 2r) problem. Returns a float32 scalar.
+    QR), ‖L R‖₂ = ‖T_L T_Rᵀ‖₂, a (2r × 2r) problem. Returns a float32 scalar: NaN or inf when a factor is not
+    finite (an exploded update), never an error.
     """
+    bad = _nonfinite(up_before, down_before, up_after, down_after)
+    if bad is not None:
+        return bad
     up_before, down_before = up_before.double(), down_before.double()
     up_after, down_after = up_after.double(), down_after.double()
     left = torch.cat([up_after - up_before, up_before], dim=1)  # (out, 2r)
     right = torch.cat([down_after, down_after - down_before], dim=0)  # (2r, in)
-    _, t_left = torch.linalg.qr(left)  # (2r, 2r)
-    _, t_right = torch.linalg.qr(right.T)  # (2r, 2r)
-    return torch.linalg.matrix_norm(t_left @ t_right.T, ord=2).float()
+    return _product_norm(left, right).float()
 
 
 @torch.no_grad()
 def lowrank_product_spectral_norm(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """‖up·down‖₂ of a factor pair without forming the (out × in) product: with up = Q_U T_U and
-    downᵀ = Q_D T_D (thin QR), ‖up·down‖₂ = ‖T_U T_Dᵀ‖₂, an (r × r) problem."""
-    _, t_up = torch.linalg.qr(up.float())  # (r, r)
-    _, t_down = torch.linalg.qr(down.float().T)  # (r, r)
-    return torch.linalg.matrix_norm(t_up @ t_down.T, ord=2)
+    downᵀ = Q_D T_D (thin QR), ‖up·down‖₂ = ‖T_U T_Dᵀ‖₂, an (r × r) problem. The small product is taken in
+    float64, so factors whose product overflows float32 still give a finite norm. Returns a float32 scalar
+    (inf beyond float32's range, NaN/inf for non-finite factors, never an error)."""
+    bad = _nonfinite(up, down)
+    if bad is not None:
+        return bad
+    return _product_norm(up.float(), down.float()).float()
+
+
+def _product_norm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``‖left · right‖₂`` through thin QRs of ``left`` (m × k) and ``rightᵀ`` (n × k); finite input only."""
+    try:
+        _, t_left = torch.linalg.qr(left)  # (k, k)
+        _, t_right = torch.linalg.qr(right.T)  # (k, k)
+    except torch.linalg.LinAlgError:
+        return torch.tensor(math.nan, dtype=torch.float64)
+    return _largest_singular_value(t_left.double() @ t_right.double().T)
 
 
 def factorized_layers(model: nn.Module) -> dict[str, LowRankLinear]:
