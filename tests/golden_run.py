@@ -114,7 +114,9 @@ def differences(expected: dict, results: dict, rtol: float = RTOL) -> list[str]:
                 if not math.isclose(new, old, rel_tol=rtol, abs_tol=0.0):
                     rel = abs(new - old) / abs(old) if old else math.inf
                     where = "" if quantity == "weight_change_norm" else f" step {step}"
-                    lines.append(f"{name} {quantity}{where}: stored {old!r}, now {new!r} (relative difference {rel:.1e})")
+                    lines.append(
+                        f"{name} {quantity}{where}: stored {old!r}, now {new!r} (relative difference {rel:.1e})"
+                    )
     return lines
 
 

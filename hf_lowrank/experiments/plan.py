@@ -90,6 +90,9 @@ class StudySettings:
     warmup_ratio: float = 0.05  # linear warm-up as in the paper, then cosine decay to 0
     max_grad_norm: float = 1.0  # the "stress" runs train without clipping
     adamw_lr: float = 3e-3  # AdamW groups (embeddings, LM head, norms) next to the Spectron family
+    # Betas of every AdamW group (the AdamW variants' whole model, the Spectron family's embeddings, LM head and
+    # norms). The study was run with TrainingArguments' (0.9, 0.999), not the package's (0.9, 0.95) default.
+    adamw_betas: tuple = (0.9, 0.999)
     diagnostics_every: int = 10  # steps between measurements of σ(up), σ(down), ‖ΔW‖₂, ‖W‖₂
     divergence_patience: int = 50  # `--divergence_patience`: loss above the first step's loss this many steps
     eval_blocks: int = 512  # the fixed validation subset (65,536 tokens): the first blocks of the validation split
@@ -112,8 +115,16 @@ class StudySettings:
         "parts", "threads_per_worker", "save_steps",
     )  # fmt: skip
 
+    # Fields added after records were written, with the value those records were trained with: at that value a
+    # field is left out of the fingerprint, so the older records stay valid; any other value changes it.
+    _ADDED_LATER = {"adamw_betas": (0.9, 0.999)}
+
     def fingerprint(self) -> str:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in self._NOT_IN_FINGERPRINT}
+        fields = {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k not in self._NOT_IN_FINGERPRINT and not (k in self._ADDED_LATER and tuple(v) == self._ADDED_LATER[k])
+        }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     def data_fingerprint(self) -> str:

@@ -276,7 +276,7 @@ def results_markdown(summary: dict) -> str:
         f"- Budget per run: {summary['steps']} steps × {summary['tokens_per_step']:,} tokens = "
         f"{summary['tokens_per_run']:,} tokens; {s['warmup_ratio']:.0%} linear warm-up, cosine decay to 0; gradient "
         f"clipping at {s['max_grad_norm']} (except the stress runs); AdamW groups of the Spectron family at "
-        f"{s['adamw_lr']:g}. Successive halving: every grid run to step {s['rung_steps']}, then the "
+        f"{s['adamw_lr']:g}; every AdamW group with betas {tuple(s['adamw_betas'])}. Successive halving: every grid run to step {s['rung_steps']}, then the "
         f"{s['promote_top']} best, those within {s['promote_margin']} nats of the best and the largest surviving lr "
         "continue to the end from their checkpoints.",
         f"- Divergence: a NaN/inf loss or gradient, the loss above the first step's loss for "

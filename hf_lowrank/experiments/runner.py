@@ -126,6 +126,8 @@ def train_segment(segment: Segment, settings: StudySettings, data_dir: Path, che
         lr_scheduler_type="cosine",
         warmup_steps=max(1, math.ceil(settings.warmup_ratio * job.steps)),
         weight_decay=0.0,
+        adam_beta1=settings.adamw_betas[0],
+        adam_beta2=settings.adamw_betas[1],
         max_grad_norm=settings.max_grad_norm if job.clip else 0.0,  # 0 turns clipping off
         logging_steps=1,
         eval_strategy="no",

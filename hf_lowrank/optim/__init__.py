@@ -25,7 +25,7 @@ from .functional import (
     spectral_normalize,
     spectron_pair_update,
 )
-from .hyperparameters import AdamWHyperparameters, SpectronHyperparameters
+from .hyperparameters import ADAMW_DEFAULTS, AdamWHyperparameters, SpectronHyperparameters
 from .routing import (
     DEFAULT_ADAMW_LR,
     OPTIMIZER_NAMES,
@@ -37,6 +37,7 @@ from .routing import (
 from .spectron import Spectron, init_optimizer_state
 
 __all__ = [
+    "ADAMW_DEFAULTS",
     "AdamWHyperparameters",
     "DEFAULT_ADAMW_LR",
     "NS_COEFFICIENTS",

@@ -132,3 +132,7 @@ class AdamWHyperparameters(_Record):
 
 # Keys torch's add_param_group copies from Spectron's defaults into every group, and that mean nothing to AdamW.
 SPECTRON_ONLY_KEYS = tuple(name for name in SpectronHyperparameters.names() if name not in AdamWHyperparameters.names())
+
+# The AdamW defaults every entry point reads (build_optimizer, Spectron's AdamW groups, `hf-lowrank pretrain`'s
+# --adam_beta1/--adam_beta2/--adam_epsilon): declared once, here. The lr is a placeholder; it has no default.
+ADAMW_DEFAULTS = AdamWHyperparameters(lr=0.0)

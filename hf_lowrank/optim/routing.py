@@ -11,6 +11,7 @@ from torch import nn
 
 from ..configuration_lowrank import DOWN_FACTOR, LOWRANK_FACTOR_NAMES, UP_FACTOR, factor_weight_name
 from ..modeling_lowrank import LowRankLinear
+from .hyperparameters import ADAMW_DEFAULTS
 from .spectron import Spectron
 
 OPTIMIZER_NAMES = ("spectron", "adamw", "muon", "renorm")
@@ -85,7 +86,8 @@ def build_optimizer(
     adamw_lr: float | None = None,
     weight_decay: float = 0.0,
     adamw_weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.95),
+    betas: tuple[float, float] = ADAMW_DEFAULTS.betas,
+    eps: float = ADAMW_DEFAULTS.eps,
     **spectron_options,
 ) -> torch.optim.Optimizer:
     """One optimizer over every trainable parameter of ``model``, so one LR scheduler drives all groups.
@@ -101,7 +103,9 @@ def build_optimizer(
             every matrix.
         adamw_weight_decay: Spectron family only: of the AdamW matrices (embeddings, LM head, dense projections).
             Vectors (norms, biases) are never decayed.
-        betas: AdamW betas of every AdamW group.
+        betas: AdamW betas of every AdamW group (default (0.9, 0.95), `AdamWHyperparameters`' default; `hf-lowrank
+            pretrain` uses the same unless --adam_beta1/--adam_beta2 say otherwise).
+        eps: AdamW epsilon of every AdamW group (`--adam_epsilon`).
         spectron_options: further ``Spectron`` arguments (``momentum``, ``ns_steps``, ``rebalance_every``, ...).
 
     Groups are named ``"spectron:<module>"`` (one per ``LowRankLinear``), ``"adamw:decay"`` (matrices) and
@@ -121,7 +125,7 @@ def build_optimizer(
             {"params": [p for _, p in members], "weight_decay": weight_decay if role == DECAY else 0.0, "name": role}
             for role, members in routes.items()
         ]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     adamw_lr = DEFAULT_ADAMW_LR if adamw_lr is None else adamw_lr
     groups = []
     for role, members in routes.items():
@@ -135,7 +139,7 @@ def build_optimizer(
         if spectron_options.get(key, value) != value:
             raise ValueError(f"Optimizer {name!r} means {key}={value}; drop `{key}` or pick another name.")
     options = {**spectron_options, **_SPECTRON_VARIANTS[name]}
-    return Spectron(groups, lr=lr, weight_decay=weight_decay, adamw_betas=betas, **options)
+    return Spectron(groups, lr=lr, weight_decay=weight_decay, adamw_betas=betas, adamw_eps=eps, **options)
 
 
 def assert_partition(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -24,7 +24,7 @@ from .functional import (
     rebalance_pair,
     spectron_pair_update,
 )
-from .hyperparameters import SPECTRON_ONLY_KEYS, AdamWHyperparameters, SpectronHyperparameters
+from .hyperparameters import ADAMW_DEFAULTS, SPECTRON_ONLY_KEYS, AdamWHyperparameters, SpectronHyperparameters
 from .sharded import holds_dtensor, init_sharded_pair_state, local_adamw_view, sharded_pair_view
 
 
@@ -68,8 +68,8 @@ class Spectron(torch.optim.Optimizer):
         params: Iterable,
         lr: float,
         *,
-        adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-8,
+        adamw_betas: tuple[float, float] = ADAMW_DEFAULTS.betas,
+        adamw_eps: float = ADAMW_DEFAULTS.eps,
         batched: bool = True,
         **hyperparameters,
     ):

@@ -10,7 +10,7 @@ from typing import Literal
 
 from transformers import TrainingArguments
 
-from ..optim import DEFAULT_ADAMW_LR, OPTIMIZER_NAMES
+from ..optim import ADAMW_DEFAULTS, DEFAULT_ADAMW_LR, OPTIMIZER_NAMES
 
 # 8 MB of the standard library (about 2/3 of CPython 3.11's 12 MB of non-test source, ~2.5M tokens at vocab
 # 4096): enough text for the CPU-sized presets, small enough that tokenizer training plus packing takes seconds.
@@ -254,6 +254,10 @@ class PretrainingArguments(TrainingArguments):
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "LR decay after the warm-up."})
     warmup_steps: float = field(default=0.05, metadata={"help": "Warm-up: a fraction (<1) or a number of steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping (0: off)."})
+    # One AdamW default across the package (`AdamWHyperparameters`), not TrainingArguments' β2 = 0.999.
+    adam_beta1: float = field(default=ADAMW_DEFAULTS.betas[0], metadata={"help": "β1 of every AdamW group."})
+    adam_beta2: float = field(default=ADAMW_DEFAULTS.betas[1], metadata={"help": "β2 of every AdamW group."})
+    adam_epsilon: float = field(default=ADAMW_DEFAULTS.eps, metadata={"help": "ε of every AdamW group."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     eval_strategy: str = field(default="steps", metadata={"help": "no | steps | epoch"})
     eval_steps: float | None = field(default=100, metadata={"help": "Evaluate every N steps."})
@@ -286,6 +290,37 @@ class PretrainingArguments(TrainingArguments):
         for name in ("max_grad_norm", "weight_decay", "warmup_steps"):
             check_number(name, getattr(self, name))
         super().__post_init__()
+        check_optimizer_flags(self)
+
+
+# `--optim` values that mean torch's AdamW, which is what `--optimizer adamw` and the AdamW groups of the Spectron
+# family run (the default of `TrainingArguments.optim` is one of them).
+TORCH_ADAMW_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+
+
+def check_optimizer_flags(args: TrainingArguments) -> None:
+    """Refuse the `TrainingArguments` flags of Trainer's own optimizer factory, which `LowRankTrainer` replaces:
+    left unchecked they would be accepted and silently ignored. Each message names this package's flag to use.
+    (``--adam_beta1/2``, ``--adam_epsilon``, ``--weight_decay``, ``--learning_rate`` and ``--lr_scheduler_*`` are
+    honoured: they reach every group they describe.)"""
+    optim = getattr(args.optim, "value", args.optim)
+    if optim not in TORCH_ADAMW_OPTIMS:
+        raise ValueError(
+            f"--optim {optim} is not used by this package's trainer: it builds its optimizer from --optimizer "
+            f"({' | '.join(OPTIMIZER_NAMES)}; 'adamw' is torch's AdamW over every parameter). Drop --optim."
+        )
+    if args.optim_args:
+        raise ValueError(
+            f"--optim_args {args.optim_args!r} is not used: set the optimizer with --spectron_momentum, --ns_steps, "
+            "--power_iters, --rebalance_every (Spectron family) and --adam_beta1, --adam_beta2, --adam_epsilon, "
+            "--adamw_learning_rate, --adamw_weight_decay (AdamW groups). Drop --optim_args."
+        )
+    if args.optim_target_modules:
+        raise ValueError(
+            f"--optim_target_modules {args.optim_target_modules!r} is not used: every factor pair trains with the "
+            "--optimizer's matrix rule and every other parameter with AdamW (docs/optimizer.md). Choose the "
+            "factorized projections with --lowrank_modules. Drop --optim_target_modules."
+        )
 
 
 def check_number(name: str, value: float, positive: bool = False) -> None:

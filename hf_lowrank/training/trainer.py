@@ -16,7 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 from transformers.utils import is_torch_xla_available
 
 from ..optim import build_optimizer
-from .arguments import OptimizerArguments, RunArguments
+from .arguments import OptimizerArguments, RunArguments, check_optimizer_flags
 from .checkpointing import (
     EXTRA_STATE_NAME,
     CheckpointError,
@@ -81,6 +81,8 @@ class LowRankTrainer(Trainer):
     ):
         super().__init__(*args, **kwargs)
         self.optimizer_args = optimizer_args or OptimizerArguments()
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is None:  # ours builds it: refuse Trainer's flags
+            check_optimizer_flags(self.args)
         self.guard = guard or StepGuard()
         if self.guard.spike_detector is None:  # a detector given to the diagnostics callback is fed by the guard
             detectors = [c.spike_detector for c in self._diagnostics_callbacks() if c.spike_detector is not None]
@@ -100,6 +102,10 @@ class LowRankTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is not None:
+            # The caller chose the optimizer class itself (`optimizer_cls_and_kwargs`): Trainer builds it; guarded.
+            super().create_optimizer(model)
+            self.optimizer = GuardedOptimizer(self.optimizer, self._should_step)
         if self.optimizer is None:
             options = self.optimizer_args
             adamw_lr = options.adamw_learning_rate
@@ -113,6 +119,7 @@ class LowRankTrainer(Trainer):
                 weight_decay=self.args.weight_decay,
                 adamw_weight_decay=options.adamw_weight_decay,
                 betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
                 **options.spectron_options(),
             )
             self.optimizer = GuardedOptimizer(optimizer, self._should_step)
