@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import tiny_model
 from test_cli import assert_one_error_line
-from transformers import TrainingArguments
 from trainers import TINY_TRAINING_ARGS, tiny_trainer
+from transformers import TrainingArguments
 
 from hf_lowrank.cli import main
 from hf_lowrank.optim import ADAMW_DEFAULTS, Spectron, build_optimizer
