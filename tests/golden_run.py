@@ -34,6 +34,7 @@ RUNS = {  # name: (dense, optimizer, lr)
     "renormalize_only": (False, "renorm", 0.05),
     "lowrank_adamw": (False, "adamw", 3e-3),
     "dense_adamw": (True, "adamw", 3e-3),
+    "dense_muon": (True, "muon", 0.05),
 }
 STEPS = 6
 # Per step: what the trainer logs; per run: ‖θ_end − θ_start‖ over every parameter (float64).

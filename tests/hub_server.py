@@ -203,7 +203,9 @@ class FakeHub:
         if repo_id in self.repos:
             # like the Hub, the conflict still names the repo: `create_repo(exist_ok=True)` reads its url
             raise HubError(409, "You already created this model repo", url=f"{self.url}/{repo_id}")
-        repo = self.repos[repo_id] = Repo(repo_id, private=payload.get("visibility") == "private" or payload.get("private") is True)
+        repo = self.repos[repo_id] = Repo(
+            repo_id, private=payload.get("visibility") == "private" or payload.get("private") is True
+        )
         attributes = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}
         repo.add_commit("main", None, "initial commit", "", attributes, list(attributes))
         return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": uuid.uuid4().hex}, {}

@@ -13,6 +13,7 @@ from hf_lowrank.optim import (
     lowrank_pairs,
     routing_table,
 )
+from hf_lowrank.optim.routing import dense_projections
 
 MODELS = {
     "lowrank": {},
@@ -34,7 +35,7 @@ def build(variant, seed=0):
 def cases():
     for variant in MODELS:
         for name in OPTIMIZER_NAMES:
-            if variant != "dense" or name == "adamw":
+            if variant != "dense" or name in ("adamw", "muon"):
                 yield variant, name
 
 
@@ -61,8 +62,20 @@ def test_routing_is_a_partition_with_one_spectron_group_per_pair(variant, name):
         expected = {"muon": (True, False), "renorm": (False, True), "spectron": (True, True)}[name]
         assert all((g["orthogonalize"], g["renormalize"]) == expected for g in spectron_groups)
 
+    # Muon trains every dense projection whole; under spectron/renorm they are AdamW's (a deliberate choice)
+    dense = {id(m.weight) for m in dense_projections(model).values()}
+    muon_groups = [g for g in optimizer.param_groups if g.get("algorithm") == "muon"]
+    if name == "muon" and dense:
+        assert [g["name"] for g in muon_groups] == ["muon:dense"]
+        assert {id(p) for p in muon_groups[0]["params"]} == dense and muon_groups[0]["lr"] == 0.02
+    else:
+        assert not muon_groups
+    assert bool(dense) == (variant in ("dense", "mixed_bias"))
+
     adamw_groups = {g["name"]: g for g in optimizer.param_groups if g.get("algorithm", "adamw") == "adamw"}
     assert set(adamw_groups) == {"adamw:decay", "adamw:no_decay"}
+    decayed = {id(p) for p in adamw_groups["adamw:decay"]["params"]}
+    assert not dense & decayed if name == "muon" else dense <= decayed
     assert all(p.ndim >= 2 for p in adamw_groups["adamw:decay"]["params"])
     assert all(p.ndim == 1 for p in adamw_groups["adamw:no_decay"]["params"])
     assert adamw_groups["adamw:no_decay"]["weight_decay"] == 0.0
@@ -125,8 +138,8 @@ def test_assert_partition_catches_a_missing_or_repeated_parameter():
 def test_unknown_names_and_dense_models_are_refused():
     with pytest.raises(ValueError, match="choose from"):
         build_optimizer(build("lowrank"), "lion", lr=0.02)
-    for name in SPECTRON_FAMILY:
-        with pytest.raises(ValueError, match="Use 'adamw'"):
+    for name in ("spectron", "renorm"):  # defined for factor pairs only; Muon also takes dense matrices
+        with pytest.raises(ValueError, match="Use 'adamw' or 'muon'"):
             build_optimizer(build("dense"), name, lr=0.02)
 
 

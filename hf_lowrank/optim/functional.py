@@ -231,6 +231,41 @@ def spectron_pair_update(
     return rho
 
 
+def init_muon_state(weight: Tensor) -> dict[str, Tensor]:
+    """The state of one dense Muon matrix, tensors only: a float32 momentum and a CPU step count."""
+    return {
+        "step": torch.tensor(0.0),
+        "momentum_buffer": torch.zeros_like(weight, dtype=torch.float32, memory_format=torch.preserve_format),
+    }
+
+
+@torch.no_grad()
+def muon_update(
+    param: Tensor,
+    grad: Tensor,
+    state: dict[str, Tensor],
+    *,
+    lr: float,
+    momentum: float = 0.95,
+    ns_steps: int = 5,
+    weight_decay: float = 0.0,
+    eps: float = 1e-7,
+) -> None:
+    """One Muon step on a dense matrix ``param`` (out, in), in place: the factorized "orthogonalization only" step
+    applied to the whole matrix, so both have the same units, ``‖ΔW‖₂ ≈ lr``:
+
+    1. decoupled weight decay ``p ← p·(1 − lr·weight_decay)``;
+    2. ``M ← β·M + (1−β)·G`` (float32, no Nesterov);
+    3. ``p ← p − lr·NS(M)`` (Muon's quintic Newton–Schulz, ``ns_steps`` rounds; no shape scaling of lr).
+    """
+    if weight_decay != 0:
+        param.mul_(1 - lr * weight_decay)
+    state["momentum_buffer"].lerp_(grad.float(), 1 - momentum)
+    direction = newton_schulz(state["momentum_buffer"], ns_steps, eps)
+    param.sub_((lr * direction).to(param.dtype))
+    state["step"] += 1
+
+
 @torch.no_grad()
 def rebalance_pair(
     up: Tensor,

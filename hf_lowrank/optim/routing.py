@@ -29,7 +29,7 @@ _SPECTRON_VARIANTS = {
 # lr is a spectral-norm bound (~0.02-0.1) and is not a sensible AdamW rate, so the two are separate knobs.
 DEFAULT_ADAMW_LR = 3e-3
 
-DECAY, NO_DECAY = "adamw:decay", "adamw:no_decay"
+DECAY, NO_DECAY, MUON = "adamw:decay", "adamw:no_decay", "muon:dense"
 
 
 def lowrank_pairs(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -42,18 +42,34 @@ def lowrank_pairs(model: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tenso
     return pairs
 
 
+def dense_projections(model: nn.Module) -> dict[str, nn.Linear]:
+    """The dense ``nn.Linear`` projections inside the decoder layers (``model.layers.N.*``), by module name: the
+    dense baseline's counterparts of the factor pairs. Not factors of a ``LowRankLinear``, not embeddings or the LM
+    head (outside the layers), not wrapped layers (PEFT's LoRA)."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if type(module) is nn.Linear and ".layers." in f".{name}" and not getattr(module, "_is_lowrank_factor", False)
+    }
+
+
 def _route(model: nn.Module, name: str) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """``{group role: [(parameter name, parameter), ...]}`` over the trainable parameters of ``model``."""
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"Unknown optimizer {name!r}; choose from {list(OPTIMIZER_NAMES)}.")
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
     in_pairs: set[int] = set()
+    if name == "muon":  # Muon trains every hidden matrix: dense projections whole, factor pairs factor by factor
+        for module_name, module in dense_projections(model).items():
+            if module.weight.requires_grad:
+                groups.setdefault(MUON, []).append((f"{module_name}.weight", module.weight))
+                in_pairs.add(id(module.weight))
     if name != "adamw":
         pairs = lowrank_pairs(model)
-        if not pairs:
+        if not pairs and not groups:
             raise ValueError(
-                f"Optimizer {name!r} trains LowRankLinear factor pairs, and this model has none. Use 'adamw' for a "
-                "dense model, or factorize it (`lowrank_modules` in the config)."
+                f"Optimizer {name!r} trains LowRankLinear factor pairs, and this model has none. Use 'adamw' or "
+                "'muon' (Muon on the dense projections) for a dense model, or factorize it (`lowrank_modules`)."
             )
         for module_name, up, down in pairs:
             if up.requires_grad != down.requires_grad:
@@ -93,12 +109,16 @@ def build_optimizer(
     """One optimizer over every trainable parameter of ``model``, so one LR scheduler drives all groups.
 
     Args:
-        name: ``"spectron"``, ``"muon"`` (orthogonalization only), ``"renorm"`` (renormalization only) or
-            ``"adamw"`` (plain ``torch.optim.AdamW`` over everything: the naive low-rank and the dense baseline).
-        lr: under the Spectron family, the spectral-norm bound of each factor pair's ΔW per step (~0.02-0.1);
-            under ``"adamw"``, the AdamW learning rate of every parameter.
+        name: ``"spectron"``, ``"muon"`` (Muon on every hidden matrix: dense projections whole, factor pairs factor
+            by factor, i.e. orthogonalization only), ``"renorm"`` (renormalization only) or ``"adamw"`` (plain
+            ``torch.optim.AdamW`` over everything: the naive low-rank and the dense baseline).
+        lr: under the Spectron family, the spectral-norm bound of each factor pair's ΔW per step (~0.02-0.1); under
+            ``"muon"`` also ``‖ΔW‖₂ ≈ lr`` of each dense projection; under ``"adamw"``, the AdamW learning rate of
+            every parameter.
         adamw_lr: Spectron family only: the AdamW rate of the other parameters (embeddings, LM head, norms,
-            biases, dense projections); default ``DEFAULT_ADAMW_LR`` = 3e-3.
+            biases, and, under ``"spectron"``/``"renorm"``, the dense projections of a partly factorized model:
+            Spectron's step is defined for factor pairs, so a dense projection gets AdamW, as in the paper's
+            setting); default ``DEFAULT_ADAMW_LR`` = 3e-3.
         weight_decay: of the factor pairs (Spectron's decoupled ``p ← p·(1 − lr·wd)``) or, under ``"adamw"``, of
             every matrix.
         adamw_weight_decay: Spectron family only: of the AdamW matrices (embeddings, LM head, dense projections).
@@ -108,8 +128,8 @@ def build_optimizer(
         eps: AdamW epsilon of every AdamW group (`--adam_epsilon`).
         spectron_options: further ``Spectron`` arguments (``momentum``, ``ns_steps``, ``rebalance_every``, ...).
 
-    Groups are named ``"spectron:<module>"`` (one per ``LowRankLinear``), ``"adamw:decay"`` (matrices) and
-    ``"adamw:no_decay"`` (vectors).
+    Groups are named ``"spectron:<module>"`` (one per ``LowRankLinear``), ``"muon:dense"`` (the dense projections,
+    under ``"muon"``), ``"adamw:decay"`` (matrices) and ``"adamw:no_decay"`` (vectors).
     """
     routes = _route(model, name)
     if name == "adamw":
@@ -132,6 +152,8 @@ def build_optimizer(
         params = [p for _, p in members]
         if role.startswith("spectron:"):
             groups.append({"params": params, "name": role})
+        elif role == MUON:
+            groups.append({"params": params, "algorithm": "muon", "name": role})
         else:
             decay = adamw_weight_decay if role == DECAY else 0.0
             groups.append({"params": params, "algorithm": "adamw", "lr": adamw_lr, "weight_decay": decay, "name": role})

@@ -20,7 +20,9 @@ from .functional import (
     PairView,
     adamw_update,
     init_adamw_state,
+    init_muon_state,
     init_spectron_state,
+    muon_update,
     rebalance_pair,
     spectron_pair_update,
 )
@@ -112,11 +114,19 @@ class Spectron(torch.optim.Optimizer):
             for key, value in self._adamw_defaults.items():
                 group.setdefault(key, value)
             AdamWHyperparameters.from_group(group, where=f"AdamW group {group.get('name', '')!r}")
+        elif algorithm == "muon":
+            _validate_muon_group(group)
+            SpectronHyperparameters.from_group({**self.defaults, **group}, where=f"group {group.get('name', '')!r}")
         else:
-            raise ValueError(f"Unknown 'algorithm' {algorithm!r} in a Spectron param group; use 'spectron' or 'adamw'.")
+            raise ValueError(
+                f"Unknown 'algorithm' {algorithm!r} in a Spectron param group; use 'spectron', 'muon' or 'adamw'."
+            )
         super().add_param_group(group)
         if algorithm == "adamw":  # torch filled in Spectron's defaults, which mean nothing here
             for key in SPECTRON_ONLY_KEYS:
+                group.pop(key, None)
+        elif algorithm == "muon":  # only lr, momentum, ns_steps, weight_decay and eps apply to a whole matrix
+            for key in MUON_UNUSED_KEYS:
                 group.pop(key, None)
 
     @torch.no_grad()
@@ -129,6 +139,8 @@ class Spectron(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["algorithm"] == "adamw":
                 self._adamw_step(group)
+            elif group["algorithm"] == "muon":
+                self._muon_step(group)
             else:
                 pairs.append(group)
         self._spectron_steps(pairs)
@@ -183,6 +195,25 @@ class Spectron(torch.optim.Optimizer):
             spectron_update_batched(*(list(column) for column in zip(*pairs)), **dict(options))
         for pair, hyperparameters in deferred:
             _end_pair_step(pair, hyperparameters)
+
+    def _muon_step(self, group: dict) -> None:
+        """Muon on each dense matrix of ``group`` (the step of `muon_update`, one matrix at a time)."""
+        hyperparameters = SpectronHyperparameters.from_group(group, where=f"group {group.get('name', '')!r}")
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if not self.state[param]:
+                self.state[param].update(init_muon_state(param))
+            muon_update(
+                param,
+                param.grad,
+                self.state[param],
+                lr=hyperparameters.lr,
+                momentum=hyperparameters.momentum,
+                ns_steps=hyperparameters.ns_steps,
+                weight_decay=hyperparameters.weight_decay,
+                eps=hyperparameters.eps,
+            )
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]
@@ -255,10 +286,11 @@ def init_optimizer_state(optimizer: Spectron) -> None:
     """
     for group in optimizer.param_groups:
         params = group["params"]
-        if group["algorithm"] == "adamw":
+        if group["algorithm"] in ("adamw", "muon"):
+            init = init_adamw_state if group["algorithm"] == "adamw" else init_muon_state
             for param in params:
                 if not optimizer.state[param]:
-                    optimizer.state[param].update(init_adamw_state(param))
+                    optimizer.state[param].update(init(param))
             continue
         up, down = params
         if holds_dtensor(params):
@@ -267,6 +299,26 @@ def init_optimizer_state(optimizer: Spectron) -> None:
         for param in params:
             if not optimizer.state[param]:
                 optimizer.state[param].update(init_spectron_state(param))
+
+
+# Spectron hyperparameters that mean nothing for a whole dense matrix under Muon (no factor pair, no σ).
+MUON_UNUSED_KEYS = ("power_iters", "first_power_iters", "orthogonalize", "renormalize", "rebalance_every")
+
+
+def _validate_muon_group(group: dict) -> None:
+    name = group.get("name", "")
+    for param in group["params"]:
+        if param.ndim != 2:
+            raise ValueError(
+                f"Muon group {name!r} holds a tensor of shape {tuple(param.shape)}; Muon orthogonalizes matrices. "
+                "Put vectors (norms, biases) in an 'adamw' group."
+            )
+    if holds_dtensor(group["params"]):
+        raise ValueError(
+            f"Muon group {name!r} holds FSDP2-sharded matrices: Newton-Schulz on a whole dense matrix needs all of "
+            "it on every rank, which the sharded step does not gather. Train dense projections with AdamW under "
+            "FSDP2 (--optimizer spectron or adamw), or shard with DDP."
+        )
 
 
 def _validate_pair(group: dict) -> None:

@@ -141,7 +141,12 @@ class ModelArguments:
 class OptimizerArguments:
     optimizer: str = field(
         default="spectron",
-        metadata={"help": "spectron | adamw (naive low-rank / dense baseline) | muon (orthogonalize only) | renorm"},
+        metadata={
+            "help": "spectron | adamw (naive low-rank / dense baseline, every parameter) | muon (Muon on every hidden "
+            "matrix: dense projections whole, factor pairs per factor = orthogonalization only) | renorm "
+            "(renormalization only). Embeddings, LM head and norms train with AdamW, and under spectron/renorm so "
+            "do the dense projections of a partly factorized model."
+        },
     )
     adamw_learning_rate: float | None = field(
         default=None,

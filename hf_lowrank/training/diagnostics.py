@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from ..modeling_lowrank import LowRankLinear
+from ..optim.routing import dense_projections
 
 
 def _nonfinite(*matrices: torch.Tensor) -> torch.Tensor | None:
@@ -97,15 +98,6 @@ def _product_norm(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
 
 def factorized_layers(model: nn.Module) -> dict[str, LowRankLinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
-
-
-def dense_projections(model: nn.Module) -> dict[str, nn.Linear]:
-    """Dense projections inside the decoder layers (the dense baseline's counterparts of the factor pairs)."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if type(module) is nn.Linear and ".layers." in f".{name}" and not getattr(module, "_is_lowrank_factor", False)
-    }
 
 
 class LossSpikeDetector:
@@ -296,10 +288,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _matrix_learning_rate(optimizer) -> float | None:
-    """The current lr of the groups that update the projection matrices (Spectron groups, else the first)."""
+    """The current lr of the groups that update the projection matrices (Spectron or Muon groups, else the first)."""
     if optimizer is None:
         return None
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wrapper
     groups = optimizer.param_groups
-    spectron = [g for g in groups if g.get("algorithm") == "spectron"]
-    return float((spectron or groups)[0]["lr"])
+    matrices = [g for g in groups if g.get("algorithm") in ("spectron", "muon")]
+    return float((matrices or groups)[0]["lr"])
