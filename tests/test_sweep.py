@@ -54,7 +54,10 @@ def test_study_writes_the_summary_report_and_plots(study):
     assert set(summary["rank_ablation"]) == {"0.125", "0.25"}
     assert all(len(losses) == settings.seeds for losses in summary["rank_ablation"].values())
     flops = {name: entry["training_flops"] for name, entry in summary["equal_flops"].items()}
-    assert flops.keys() == {"dense_adamw", "lowrank_adamw", "spectron"}
+    assert flops.keys() == {"dense_adamw", "dense_muon", "lowrank_adamw", "spectron"}
+    assert flops["dense_muon"] == flops["dense_adamw"]  # the dense budget itself: both dense models, same steps
+    assert summary["variants"]["dense_muon"]["optimizer"] == "muon"  # trained with Muon on the dense projections
+    assert "| dense + Muon |" in (out / "results.md").read_text()
     for name in ("lowrank_adamw", "spectron"):  # more tokens, the same FLOPs up to rounding to a step
         assert flops[name] == pytest.approx(flops["dense_adamw"], rel=0.05)
         assert summary["equal_flops"][name]["tokens"] > summary["equal_flops"]["dense_adamw"]["tokens"]
@@ -215,7 +218,9 @@ def test_small_helpers():
     assert Job("spectron", 0.05, 0, 8).id == "spectron_lr0.05_seed0_steps8"
     assert Job("spectron", 0.05, 1, 8, clip=False, rank_ratio=0.4).id == "spectron_lr0.05_seed1_steps8_noclip_rank0.4"
     assert is_done({"diverged": True, "steps_done": 2}, 12) and not is_done(None, 4)
-    assert set(VARIANTS) == {"dense_adamw", "lowrank_adamw", "orthogonalize_only", "renormalize_only", "spectron"}
+    assert set(VARIANTS) == {
+        "dense_adamw", "lowrank_adamw", "orthogonalize_only", "renormalize_only", "spectron", "dense_muon"
+    }  # fmt: skip
 
 
 def test_a_second_study_in_the_same_folder_is_refused(tmp_path, cache_dir):

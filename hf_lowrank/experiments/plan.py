@@ -42,9 +42,12 @@ VARIANTS: dict[str, Variant] = {
     "spectron": Variant("low-rank + Spectron", dense=False, optimizer="spectron"),
     "orthogonalize_only": Variant("low-rank + orthogonalization only", dense=False, optimizer="muon"),
     "renormalize_only": Variant("low-rank + renormalization only", dense=False, optimizer="renorm"),
+    # The dense baseline a practitioner picks today: Muon on the dense projections, AdamW on the rest.
+    "dense_muon": Variant("dense + Muon", dense=True, optimizer="muon"),
 }
 
-# Listed in the order the study trains them: the paper's comparison (dense, naive, Spectron) first, the ablations after.
+# Listed in the order the study trains them: the paper's comparison (dense, naive, Spectron) first, the ablations after,
+# then dense Muon (added after the first five had run).
 # Half-decade grids of 7 points spanning 1000×. AdamW's lr is a per-entry step; the Spectron family's lr is the
 # spectral-norm bound of each step's ΔW (with orthogonalization only, ‖ΔA‖₂ ≈ lr per factor). Grids are then
 # extended upward by the plan until they show their edge.
@@ -54,6 +57,7 @@ DEFAULT_LR_GRIDS: dict[str, tuple[float, ...]] = {
     "spectron": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0),
     "orthogonalize_only": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
     "renormalize_only": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0),
+    "dense_muon": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),  # ‖ΔW‖₂ ≈ lr, as orthogonalization only
 }
 
 STRESS_VARIANTS = ("lowrank_adamw", "spectron")  # trained without gradient clipping at 1× and 3× their best lr
@@ -163,7 +167,12 @@ def smoke_settings() -> StudySettings:
         eval_blocks=8,
         eval_batch_size=8,
         max_corpus_bytes=150_000,
-        lr_grids={"dense_adamw": (1e-3, 1e-2), "lowrank_adamw": (1e-3, 1e-2), "spectron": (0.03, 0.1)},
+        lr_grids={
+            "dense_adamw": (1e-3, 1e-2),
+            "lowrank_adamw": (1e-3, 1e-2),
+            "spectron": (0.03, 0.1),
+            "dense_muon": (0.03, 0.1),
+        },  # fmt: skip
         promote_top=1,
         promote_margin=0.0,
         max_extensions=1,

@@ -151,9 +151,9 @@ def summarize(plan: StudyPlan, done: dict[str, dict], data_info: dict) -> dict:
         rank_models[ratio] = {"rank": config.rank_for("q_proj"), "parameters": count_parameters(config).total}
 
     equal_flops = {}
-    if "dense_adamw" in variants and variants["dense_adamw"]["seeds_at_best_lr"]:
-        runs = variants["dense_adamw"]["seeds_at_best_lr"]
-        equal_flops["dense_adamw"] = _flops_entry(runs)
+    for name, entry in variants.items():  # a dense variant's steps-long runs are the FLOP budget itself
+        if VARIANTS[name].dense and entry["seeds_at_best_lr"]:
+            equal_flops[name] = _flops_entry(entry["seeds_at_best_lr"])
     for name in FLOPS_VARIANTS:
         best = variants.get(name, {}).get("best_lr")
         runs = [
