@@ -4,11 +4,31 @@ This file is copied to the Hub next to the weights: it imports only ``transforme
 """
 
 import math
+import re
 from dataclasses import dataclass
 
-from transformers import PretrainedConfig
-from transformers.activations import ACT2FN
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+import transformers
+
+# The oldest Transformers this code runs on (the lowest version CI tests, .ci/constraints-lowest.txt). Checked here,
+# at import, because this file is what `trust_remote_code=True` loads first: an older Transformers would otherwise
+# fail later with an unrelated AttributeError (4.57: `'LowRankLlamaConfig' object has no attribute 'validate_rope'`).
+MIN_TRANSFORMERS_VERSION = "5.17.0"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """``"5.18.0.dev0"`` -> ``(5, 18, 0)``: the release numbers, enough to compare with a minimum."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+
+
+if _release(transformers.__version__) < _release(MIN_TRANSFORMERS_VERSION):
+    raise ImportError(
+        f"The lowrank_llama model code needs transformers >= {MIN_TRANSFORMERS_VERSION}; found "
+        f"{transformers.__version__}. Upgrade: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
+    )
+
+from transformers import PretrainedConfig  # noqa: E402 - after the version check, which must run first
+from transformers.activations import ACT2FN  # noqa: E402
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
 # The geometry of the model, declared once: the projection names, the factor names, the long-dimension rule (below)
 # and the shapes, ranks and parameter counts (`LowRankLlamaConfig`, `count_parameters`). Every other module derives

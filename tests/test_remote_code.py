@@ -20,7 +20,7 @@ from hf_lowrank import (
 from hf_lowrank.modeling_lowrank import AUTO_CLASSES
 
 PACKAGE = Path(hf_lowrank.__file__).parent
-STDLIB_OK = {"inspect", "math", "collections", "typing", "dataclasses", "functools"}
+STDLIB_OK = {"inspect", "math", "collections", "typing", "dataclasses", "functools", "re"}
 
 # Runs in a fresh interpreter in which any import of hf_lowrank fails.
 BLOCKED_LOAD = (
@@ -157,3 +157,27 @@ def test_remote_code_base_model_heads_pipeline_and_label_smoothing_without_packa
     assert payload["features_width"] == model.config.hidden_size
     assert payload["head"] == "LowRankLlamaForSequenceClassification" and payload["head_shape"] == [1, 3]
     assert payload["loss"] == pytest.approx(payload["shifted"], rel=1e-6)
+
+
+def test_an_older_transformers_is_refused_at_import_in_one_line(monkeypatch):
+    """What `trust_remote_code=True` loads first is the configuration file: under a Transformers older than the
+    lowest tested one it must say so, not fail later with an unrelated AttributeError (4.57: `validate_rope`)."""
+    import importlib.util
+    import re
+
+    import transformers
+
+    from hf_lowrank.configuration_lowrank import MIN_TRANSFORMERS_VERSION
+
+    root = PACKAGE.parent
+    assert f'"transformers>={MIN_TRANSFORMERS_VERSION.removesuffix(".0")},' in (root / "pyproject.toml").read_text()
+    assert f"transformers=={MIN_TRANSFORMERS_VERSION}" in (root / ".ci" / "constraints-lowest.txt").read_text()
+    for old in ("4.57.6", "5.16.1", "5.17.0.dev0"):
+        monkeypatch.setattr(transformers, "__version__", old)
+        spec = importlib.util.spec_from_file_location("hub_configuration", PACKAGE / "configuration_lowrank.py")
+        expected = f"needs transformers >= {re.escape(MIN_TRANSFORMERS_VERSION)}; found {re.escape(old)}"
+        if old.startswith("5.17"):  # a development build of the minimum release is that release
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+            continue
+        with pytest.raises(ImportError, match=expected):
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
