@@ -205,3 +205,32 @@ def test_exploded_training_is_stopped_by_the_guard_not_by_a_measurement(tmp_path
     logged = [row for row in trainer.state.log_history if "diag/weight_norm_max" in row]
     assert len(logged) == 6 and trainer.state.global_step == 6  # one update applied, five skipped, then the stop
     assert math.isinf(logged[0]["diag/weight_norm_max"]) and logged[0]["diag/sigma_up_max"] > 1e20
+
+
+def test_a_plain_trainer_logs_the_spike_count_only_with_a_detector(tmp_path):
+    """README: the spike count is logged when a `LossSpikeDetector` is attached; with a plain `Trainer` the callback
+    feeds it the logged losses (nothing else does), so a planted spike is counted; without one, no count."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_lowrank import LowRankLlamaForCausalLM, preset_config
+    from hf_lowrank.training.diagnostics import SpectralDiagnosticsCallback
+
+    class SpikeAtStep5(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return loss * 3 if self.state.global_step == 4 else loss  # the loss logged at step 5 triples
+
+    ids = torch.randint(0, 512, (8, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    counts = {}
+    for attached in (True, False):
+        args = TrainingArguments(output_dir=str(tmp_path / str(attached)), max_steps=6, logging_steps=1, report_to=[],
+                                 per_device_train_batch_size=4, use_cpu=True, save_strategy="no", learning_rate=1e-4)  # fmt: skip
+        detector = LossSpikeDetector(window=3, threshold=3.0, min_increase=0.05, warmup=0) if attached else None
+        torch.manual_seed(0)
+        trainer = SpikeAtStep5(model=LowRankLlamaForCausalLM(preset_config("tiny")), args=args, train_dataset=data,
+                               callbacks=[SpectralDiagnosticsCallback(every=1, spike_detector=detector)])  # fmt: skip
+        trainer.train()
+        counts[attached] = [row.get("diag/loss_spikes") for row in trainer.state.log_history if "loss" in row]
+    assert counts[True] == [0, 0, 0, 0, 1, 1]
+    assert counts[False] == [None] * 6

@@ -163,7 +163,8 @@ class SpectralDiagnosticsCallback(TrainerCallback):
     Keys (prefix ``diag/``): ``sigma_up_max``, ``sigma_up_mean``, ``sigma_down_max``, ``sigma_down_mean``,
     ``update_norm_max``, ``update_norm_mean``, ``update_over_lr_max``, ``weight_norm_max`` and
     ``weight_norm_mean`` (‖W‖₂ of the product up·down, or of the dense weight), and ``loss_spikes`` when a spike detector
-    is attached (`LowRankTrainer`'s step guard feeds that detector every step's loss, averaged over ranks). With `LowRankTrainer` they are merged into the next regular log line, so they reach
+    is attached (`LowRankTrainer`'s step guard feeds that detector every step's loss, averaged over ranks; with a plain
+    `Trainer` this callback feeds it each logged training loss). Without a detector no spike count is logged. With `LowRankTrainer` they are merged into the next regular log line, so they reach
     ``trainer_state.json`` and every ``report_to`` backend; with a plain `Trainer` they are added in ``on_log``,
     and the callback moves itself ahead of the reporting callbacks at ``on_train_begin`` so that they see them too.
     """
@@ -173,6 +174,9 @@ class SpectralDiagnosticsCallback(TrainerCallback):
             raise ValueError(f"diagnostics interval must be >= 1 step, got {every}.")
         self.every = every
         self.spike_detector = spike_detector
+        # Whether this callback feeds the detector the logged losses (a plain Trainer); `LowRankTrainer` turns it off
+        # for the detector its step guard feeds every step.
+        self.feeds_detector = True
         self._snapshot: dict[str, tuple[torch.Tensor, ...]] | None = None
         self._pending: dict[str, float] = {}
 
@@ -273,9 +277,16 @@ class SpectralDiagnosticsCallback(TrainerCallback):
         return logs
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        # Fallback for a plain Trainer: LowRankTrainer.log has already drained the pending values.
+        # Fallback for a plain Trainer: LowRankTrainer.log has already drained the pending values, and its step guard
+        # feeds the detector every step's loss. Here nothing else feeds it, so it gets each logged training loss
+        # (the mean over --logging_steps): spikes are detected at logging granularity.
+        if logs is None:
+            return
         pending = self.pop_logs()
-        if pending and logs is not None:
+        if self.feeds_detector and self.spike_detector is not None and "loss" in logs:
+            self.spike_detector.update(logs["loss"])
+            pending["diag/loss_spikes"] = self.spike_detector.spikes
+        if pending:
             logs.update(pending)
             if state.log_history:
                 state.log_history[-1].update(pending)

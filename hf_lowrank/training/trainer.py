@@ -87,6 +87,9 @@ class LowRankTrainer(Trainer):
         if self.guard.spike_detector is None:  # a detector given to the diagnostics callback is fed by the guard
             detectors = [c.spike_detector for c in self._diagnostics_callbacks() if c.spike_detector is not None]
             self.guard.spike_detector = detectors[0] if detectors else None
+        for callback in self._diagnostics_callbacks():  # the guard feeds its detector every step, exactly once
+            if callback.spike_detector is self.guard.spike_detector:
+                callback.feeds_detector = False
         if self.guard.spike_action == "rollback" and self.args.save_strategy == SaveStrategy.NO:
             raise ValueError("--spike_action rollback reloads the last checkpoint: set --save_strategy steps.")
         self._step_loss = 0.0
