@@ -249,3 +249,43 @@ def test_bad_arguments():
         DataArguments(dataset_name="x", train_files=["a.txt"])
     with pytest.raises(ValueError, match="validation_split_percentage"):
         DataArguments(validation_split_percentage=100)
+
+
+# GPT-2's pre-tokenization regex (openai/gpt-2 encoder.py), which llama.cpp implements as its `gpt2` pre-tokenizer.
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def test_the_built_in_tokenizer_pre_tokenizes_exactly_as_gpt2(tokenizer, tmp_path):
+    """What registering the built-in tokenizer as llama.cpp's `gpt2` pre-tokenizer relies on (README, llama.cpp):
+    the saved tokenizer.json declares GPT-2's byte-level pre-tokenizer, and it splits text exactly as GPT-2's regex
+    does, on code, prose, digits, contractions, Unicode and whitespace runs."""
+    import regex
+
+    tokenizer.save_pretrained(tmp_path)
+    declared = json.loads((tmp_path / "tokenizer.json").read_text())["pre_tokenizer"]
+    assert declared["type"] == "ByteLevel" and declared["use_regex"] and not declared["add_prefix_space"]
+    byte_encoder = dict(zip(range(256), bytes_to_unicode_chars()))
+    texts = [
+        "def f(x):\n    return x**2  # it's 3.14159, isn't it?\n\n\n\tdone",
+        "They'll say we'd've gone; I'm sure you're right. 12345 apples, 6 pears!!",
+        "naïve café – 東京 2024年 ∑x² — emoji 🙂🙂 and   trailing   ",
+        "x=1;y=22;z=333\r\n  ",
+    ]
+    backend = tokenizer.backend_tokenizer.pre_tokenizer
+    for text in texts:
+        ours = [piece for piece, _ in backend.pre_tokenize_str(text)]
+        gpt2 = ["".join(byte_encoder[b] for b in piece.encode()) for piece in regex.findall(GPT2_SPLIT, text)]
+        assert ours == gpt2, text
+
+
+def bytes_to_unicode_chars() -> list[str]:
+    """GPT-2's byte-to-unicode table (the printable stand-ins of the 256 bytes), byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
