@@ -91,7 +91,9 @@ class StudySettings:
     steps: int = 1500  # the paper's ablation ran 1,800; 1.54M training tokens per run
     rung_steps: int = 375  # the successive-halving rung (0: every grid run trains to the end)
     save_steps: int = 125  # checkpoint interval: a killed run loses at most this many steps
-    warmup_ratio: float = 0.05  # linear warm-up as in the paper, then cosine decay to 0
+    warmup_ratio: float = 0.05  # linear warm-up as in the paper, then cosine decay to 0 (0: no warm-up at all)
+    lr_scheduler: str = "cosine"  # a `TrainingArguments.lr_scheduler_type`; the instability hunt holds the lr constant
+    bf16: bool = False  # bf16 autocast (`TrainingArguments.bf16`; CPU autocast on the CPU), float32 weights
     max_grad_norm: float = 1.0  # the "stress" runs train without clipping
     adamw_lr: float = 3e-3  # AdamW groups (embeddings, LM head, norms) next to the Spectron family
     # Betas of every AdamW group (the AdamW variants' whole model, the Spectron family's embeddings, LM head and
@@ -113,21 +115,24 @@ class StudySettings:
     rank_ratios: tuple = (0.125, 0.4)  # besides the default 0.25, which the main grid trains
     parts: tuple = ("grid", "seeds", "equal_flops", "rank_ablation", "stress")
     threads_per_worker: int = 1
+    # Where runs train: "cpu", or "cuda" on a GPU machine. Not part of a run's identity (the same run on another
+    # device), but recorded in each run's record.
+    device: str = "cpu"
 
     _NOT_IN_FINGERPRINT = (
         "seeds", "lr_grids", "promote_top", "promote_margin", "max_extensions", "stress_factor", "rank_ratios",
-        "parts", "threads_per_worker", "save_steps",
+        "parts", "threads_per_worker", "save_steps", "device",
     )  # fmt: skip
 
     # Fields added after records were written, with the value those records were trained with: at that value a
     # field is left out of the fingerprint, so the older records stay valid; any other value changes it.
-    _ADDED_LATER = {"adamw_betas": (0.9, 0.999)}
+    _ADDED_LATER = {"adamw_betas": (0.9, 0.999), "lr_scheduler": "cosine", "bf16": False}
 
     def fingerprint(self) -> str:
         fields = {
             k: v
             for k, v in dataclasses.asdict(self).items()
-            if k not in self._NOT_IN_FINGERPRINT and not (k in self._ADDED_LATER and tuple(v) == self._ADDED_LATER[k])
+            if k not in self._NOT_IN_FINGERPRINT and not (k in self._ADDED_LATER and _same(v, self._ADDED_LATER[k]))
         }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -150,6 +155,11 @@ class StudySettings:
     def flops_per_token(self, dense: bool, rank_ratio: float | None = None) -> float:
         """Training FLOPs per token, from the function the benchmarks use."""
         return training_flops_per_token(self.model_config(dense, rank_ratio), self.block_size)
+
+
+def _same(value, default) -> bool:
+    """A setting equals its pre-field default (a list read back from JSON counts as the tuple it was)."""
+    return (tuple(value) if isinstance(value, list) else value) == default
 
 
 def smoke_settings() -> StudySettings:
@@ -191,11 +201,15 @@ class Job:
     steps: int
     clip: bool = True
     rank_ratio: float | None = None  # None: the config's default (0.25)
+    # Which of a study's settings the run trains under, for studies that hold several (a model size of the scaling
+    # study, a condition of the instability hunt); "" for the stability study's single settings.
+    tag: str = ""
 
     @property
     def id(self) -> str:
         suffix = ("" if self.clip else "_noclip") + ("" if self.rank_ratio is None else f"_rank{self.rank_ratio:g}")
-        return f"{self.variant}_lr{self.lr:.4g}_seed{self.seed}_steps{self.steps}{suffix}"
+        tag = f"_{self.tag}" if self.tag else ""
+        return f"{self.variant}{tag}_lr{self.lr:.4g}_seed{self.seed}_steps{self.steps}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -212,6 +226,17 @@ def next_half_decade(lr: float) -> float:
     exponent = math.floor(math.log10(lr) + 1e-9)
     mantissa = lr / 10**exponent
     return float(f"{(3 if mantissa < 2 else 10) * 10**exponent:.3g}")
+
+
+def previous_half_decade(lr: float) -> float:
+    """1 → 0.3 → 0.1 ...: the previous point of a half-decade grid (the inverse of `next_half_decade`)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    mantissa = lr / 10**exponent
+    if mantissa > 3 * (1 + 1e-9):
+        return float(f"{3 * 10**exponent:.3g}")
+    if mantissa > 1 + 1e-9:
+        return float(f"{10**exponent:.3g}")
+    return float(f"{3 * 10 ** (exponent - 1):.3g}")
 
 
 def is_done(record: dict | None, stop_at: int) -> bool:
@@ -392,6 +417,15 @@ class StudyPlan:
     def finished(self, done: dict) -> bool:
         return not self.segments(done)
 
+    # What the shared scheduler (`scheduler.train_pending`) asks of every study's plan.
+    def settings_for(self, job: Job) -> StudySettings:
+        """The settings ``job`` trains under: this study has one set for all its runs."""
+        return self.settings
+
+    def fingerprint_of(self, record: dict) -> str | None:
+        """The fingerprint a record must carry to count as one of this study's runs."""
+        return self.settings.fingerprint()
+
     def cost(self, segment: Segment, done: dict) -> float:
         """Training FLOPs still to spend on ``segment`` (for the ETA)."""
         s = self.settings
@@ -399,3 +433,7 @@ class StudyPlan:
         steps = segment.stop_at - (record["steps_done"] if record else 0)
         flops = s.flops_per_token(VARIANTS[segment.job.variant].dense, segment.job.rank_ratio)
         return max(steps, 0) * s.tokens_per_step * flops
+
+    def remaining_cost(self, done: dict) -> float:
+        """Training FLOPs of the work known now (later segments depend on results not yet in)."""
+        return sum(self.cost(segment, done) for segment in self.segments(done))

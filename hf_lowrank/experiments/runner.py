@@ -123,8 +123,9 @@ def train_segment(segment: Segment, settings: StudySettings, data_dir: Path, che
         per_device_train_batch_size=settings.batch_size,
         per_device_eval_batch_size=settings.eval_batch_size,
         learning_rate=job.lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, math.ceil(settings.warmup_ratio * job.steps)),
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=math.ceil(settings.warmup_ratio * job.steps),  # ≥ 1 step for any ratio > 0; 0: none
+        bf16=settings.bf16,
         weight_decay=0.0,
         adam_beta1=settings.adamw_betas[0],
         adam_beta2=settings.adamw_betas[1],
@@ -135,7 +136,7 @@ def train_segment(segment: Segment, settings: StudySettings, data_dir: Path, che
         save_steps=settings.save_steps,
         save_total_limit=1,
         report_to="none",
-        use_cpu=True,
+        use_cpu=settings.device == "cpu",
         seed=job.seed,
         data_seed=job.seed,
         dataloader_pin_memory=False,
@@ -221,6 +222,7 @@ def train_segment(segment: Segment, settings: StudySettings, data_dir: Path, che
         "segments": segments,
         "tokens_per_s": round(max(trained_tokens, 0) / max(train_time, 1e-9), 1),
         "threads": torch.get_num_threads(),
+        "device": settings.device,
         "curve": {
             "step": [row["step"] for row in history],
             "loss": [row["loss"] for row in history],
