@@ -199,11 +199,11 @@ def test_missing_files_and_globs_are_named(tmp_path):
 
 
 def test_unknown_and_mixed_extensions(tmp_path):
-    csv = write(tmp_path / "a.csv", "text\nhello\n")
-    with pytest.raises(ValueError, match=r"a\.csv.*extension"):
-        load_raw_datasets(DataArguments(train_files=[csv]))
+    xml = write(tmp_path / "a.xml", "<text>hello</text>\n")
+    with pytest.raises(ValueError, match=r"a\.xml.*extension must be one of .*'\.parquet', '\.csv', '\.arrow'"):
+        load_raw_datasets(DataArguments(train_files=[xml]))
     txt, jsonl = write(tmp_path / "a.txt", "hi"), write(tmp_path / "b.jsonl", '{"text": "hi"}')
-    with pytest.raises(ValueError, match="mix text and JSON"):
+    with pytest.raises(ValueError, match=r"mix formats \(text: .*json: "):
         load_raw_datasets(DataArguments(train_files=[txt, jsonl]))
 
 
@@ -289,3 +289,65 @@ def bytes_to_unicode_chars() -> list[str]:
             chars[byte] = chr(256 + extra)
             extra += 1
     return [chars[b] for b in range(256)]
+
+
+# ------------------------------------------------------------------------------- every `datasets` source
+def _write_format(folder: Path, name: str, rows: list[dict], fmt: str) -> str:
+    """``rows`` written by `datasets` itself as ``fmt``: parquet, csv, arrow, or a save_to_disk folder."""
+    dataset = Dataset.from_list(rows)
+    path = folder / (name if fmt.startswith("saved") else f"{name}.{fmt}")
+    if fmt == "parquet":
+        dataset.to_parquet(str(path))
+    elif fmt == "csv":
+        dataset.to_csv(str(path), index=False)
+    elif fmt == "arrow":  # one Arrow stream file, as `datasets` caches a split
+        import pyarrow as pa
+
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, dataset.data.table.schema) as writer:
+            writer.write_table(dataset.data.table)
+    elif fmt == "saved_dataset":
+        dataset.save_to_disk(str(path))
+    elif fmt == "saved_dict":
+        DatasetDict({"train": dataset, "validation": Dataset.from_list(rows[:3])}).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "arrow", "saved_dataset", "saved_dict"])
+def test_parquet_csv_arrow_and_saved_datasets_are_read(tmp_path, tokenizer, fmt, streaming):
+    texts = documents(20)
+    rows = [{"text": t, "id": i} for i, t in enumerate(texts)]
+    path = _write_format(tmp_path, "corpus", rows, fmt)
+    if fmt.startswith("saved"):  # map-style on disk: a validation split is carved out even before streaming
+        where = {"dataset_name": path, "validation_split_percentage": 10}
+    else:  # a stream of files has no known size to carve from: the validation data is a file of its own
+        where = {"train_files": [path], "validation_files": [_write_format(tmp_path, "valid", rows[:2], fmt)]}
+    raw = load_raw_datasets(DataArguments(**where, streaming=streaming))
+    seen = [row["text"] for split in ("train", "validation") for row in raw[split]]
+    if fmt == "saved_dict":  # its own validation split
+        assert [row["text"] for row in raw["train"]] == texts and len(list(raw["validation"])) == 3
+    elif fmt == "saved_dataset":  # the whole corpus, split 90/10
+        assert sorted(seen) == sorted(texts) and len(list(raw["validation"])) == 2
+    else:
+        assert [row["text"] for row in raw["train"]] == texts and len(list(raw["validation"])) == 2
+    blocks = tokenize_and_pack(raw, tokenizer, 8)
+    assert next(iter(blocks["train"]))["input_ids"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "arrow", "saved_dataset"])
+def test_a_wrong_column_or_an_empty_source_is_named_before_training(tmp_path, fmt):
+    path = _write_format(tmp_path, "corpus", [{"content": t} for t in documents(5)], fmt)
+    where = {"dataset_name": path} if fmt.startswith("saved") else {"train_files": [path]}
+    with pytest.raises(ValueError, match=r"has no column 'text'; its columns are \['content'\]"):
+        load_raw_datasets(DataArguments(**where))
+    empty = _write_format(tmp_path, "empty", [{"text": "  "}, {"text": ""}], fmt)
+    where = {"dataset_name": empty} if fmt.startswith("saved") else {"train_files": [empty]}
+    with pytest.raises(ValueError, match="is empty: every document is empty or whitespace"):
+        load_raw_datasets(DataArguments(**where, validation_split_percentage=0))
+
+
+def test_mixed_formats_are_refused_by_name(tmp_path):
+    parquet = _write_format(tmp_path, "a", [{"text": "x"}], "parquet")
+    text = write(tmp_path / "b.txt", "y")
+    with pytest.raises(ValueError, match=r"mix formats \(parquet: .*a\.parquet.*text: .*b\.txt"):
+        load_raw_datasets(DataArguments(train_files=[parquet, text]))

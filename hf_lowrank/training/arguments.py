@@ -23,7 +23,10 @@ class DataArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Name of a dataset on the Hugging Face Hub (needs a network), e.g. 'allenai/c4'."},
+        metadata={
+            "help": "Name of a dataset on the Hugging Face Hub (needs a network), e.g. 'allenai/c4', or a local "
+            "folder written by Dataset.save_to_disk / DatasetDict.save_to_disk."
+        },
     )
     dataset_config_name: str | None = field(
         default=None, metadata={"help": "Configuration of --dataset_name, e.g. 'en'."}
@@ -31,9 +34,9 @@ class DataArguments:
     train_files: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Local training files or globs: .txt (one document per file, see --text_sample_by) or "
-            ".json/.jsonl (one document per record). Without --dataset_name and --train_files the Python "
-            "standard library source is used."
+            "help": "Local training files or globs: .txt (one document per file, see --text_sample_by), "
+            ".json/.jsonl, .parquet, .csv or .arrow (one document per record or row, text in --text_column). "
+            "Without --dataset_name and --train_files the Python standard library source is used."
         },
     )
     validation_files: list[str] | None = field(

@@ -3,8 +3,11 @@
 Where the text comes from, in order of precedence:
 
 1. ``--dataset_name`` (+ ``--dataset_config_name``): any `datasets` corpus on the Hub (needs a network).
-2. ``--train_files`` (+ ``--validation_files``): local ``.txt`` (one document per file by default) or
-   ``.json``/``.jsonl`` files (one document per record, text in ``--text_column``); globs allowed.
+   A local folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` is read with
+   ``datasets.load_from_disk``.
+2. ``--train_files`` (+ ``--validation_files``): local ``.txt`` (one document per file by default),
+   ``.json``/``.jsonl``, ``.parquet``, ``.csv`` or ``.arrow`` files (one document per record or row, text in
+   ``--text_column``), each read by its `datasets` builder; globs allowed.
 3. Neither: the built-in corpus, the ``.py`` source of the running interpreter's standard library, which
    exists offline on every machine (see :func:`load_default_corpus`).
 
@@ -47,6 +50,15 @@ logger = logging.getLogger(__name__)
 EXCLUDED_STDLIB_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages"})
 TEXT_EXTENSIONS = (".txt", ".text")
 JSON_EXTENSIONS = (".json", ".jsonl")
+# Every local file format and the `datasets` builder that reads it (one document per record or row).
+DATA_FILE_BUILDERS = {
+    **dict.fromkeys(TEXT_EXTENSIONS, "text"),
+    **dict.fromkeys(JSON_EXTENSIONS, "json"),
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
+TEXT_BUILDERS = ("text", "json", "csv")  # formats whose files must be UTF-8 text (parquet and arrow are binary)
 SPLIT_SEED = 42  # for carving a validation split out of a training split that has none
 STREAM_GROUP_DOCS = 1000  # documents packed together in streaming mode; each group's last partial block is dropped
 # How a run's records (`eval_results.json`, `training_summary.json`), and so its model card, name data that has no
@@ -171,24 +183,42 @@ def resolve_data_files(patterns: list[str], what: str = "train_files") -> list[s
 
 
 def builder_for(files: list[str]) -> str:
-    """The `datasets` builder that reads ``files``: "text" or "json"; one kind only."""
+    """The `datasets` builder that reads ``files`` (`DATA_FILE_BUILDERS`); one format only."""
     kinds = {}
     for path in files:
         extension = os.path.splitext(path)[1].lower()
-        if extension in TEXT_EXTENSIONS:
-            kinds.setdefault("text", path)
-        elif extension in JSON_EXTENSIONS:
-            kinds.setdefault("json", path)
-        else:
+        if extension not in DATA_FILE_BUILDERS:
             raise ValueError(
-                f"Unsupported data file {path!r}: the extension must be one of "
-                f"{list(TEXT_EXTENSIONS + JSON_EXTENSIONS)} (rename plain-text files to .txt)."
+                f"Unsupported data file {path!r}: the extension must be one of {list(DATA_FILE_BUILDERS)} (rename "
+                "plain-text files to .txt; for a folder written by save_to_disk use --dataset_name FOLDER)."
             )
+        kinds.setdefault(DATA_FILE_BUILDERS[extension], path)
     if len(kinds) > 1:
+        first, second = list(kinds.items())[:2]
         raise ValueError(
-            f"Data files mix text and JSON ({kinds['text']!r} and {kinds['json']!r}); use one format for all files."
+            f"Data files mix formats ({first[0]}: {first[1]!r}, {second[0]}: {second[1]!r}); use one format for all "
+            "files."
         )
     return next(iter(kinds))
+
+
+def is_saved_dataset(path: str) -> bool:
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    folder = Path(os.path.expanduser(path))
+    return folder.is_dir() and ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file())
+
+
+def _load_saved_dataset(path: str) -> DatasetDict:
+    """A ``save_to_disk`` folder as ``train`` (+ ``validation``), through `datasets.load_from_disk`; a saved
+    ``Dataset`` is the training split. Map-style: a missing validation split is carved out before any streaming."""
+    from datasets import load_from_disk
+
+    saved = load_from_disk(os.path.expanduser(path))
+    if isinstance(saved, Dataset):
+        saved = DatasetDict({"train": saved})
+    if "train" not in saved:
+        raise ValueError(f"The saved dataset {path!r} has no 'train' split (its splits are {list(saved)}).")
+    return DatasetDict({split: saved[split] for split in ("train", "validation") if split in saved})
 
 
 def _is_blank_file(path: str, chunk_bytes: int = 1 << 20) -> bool:
@@ -294,7 +324,11 @@ def load_raw_datasets(args: DataArguments) -> DatasetDict | IterableDatasetDict:
     else:
         if args.max_corpus_bytes != DEFAULT_MAX_CORPUS_BYTES:
             logger.warning("`max_corpus_bytes` applies to the built-in corpus only; it is ignored for this data.")
-        if args.dataset_name is not None:
+        saved = args.dataset_name is not None and is_saved_dataset(args.dataset_name)
+        if saved:
+            source = f"the saved dataset {args.dataset_name!r}"
+            raw = _load_saved_dataset(args.dataset_name)
+        elif args.dataset_name is not None:
             source = f"dataset {args.dataset_name!r}"
             raw = load_dataset(args.dataset_name, args.dataset_config_name, streaming=args.streaming)
             if "train" not in raw:
@@ -312,17 +346,25 @@ def load_raw_datasets(args: DataArguments) -> DatasetDict | IterableDatasetDict:
                         f"The {split} files are all empty or whitespace: {paths}. Point the data arguments at text."
                     )
             source = f"the files {all_files[:3]}{' ...' if len(all_files) > 3 else ''}"
-            options = {"sample_by": args.text_sample_by, "keep_linebreaks": True} if builder == "text" else {}
+            options = {
+                "text": {"sample_by": args.text_sample_by, "keep_linebreaks": True},
+                # pandas would read an empty cell, "NA" or "null" as NaN (a float): a document lost, or a column of
+                # texts turned into numbers. A corpus keeps every cell as the string it is.
+                "csv": {"na_filter": False},
+            }.get(builder, {})
+            text_files = all_files if builder in TEXT_BUILDERS else []
             if args.streaming:  # a stream reads a file only when training reaches it: check them all before step 0
-                _raise_for_bad_file(all_files, None)
+                _raise_for_bad_file(text_files, None)
             try:
                 raw = load_dataset(builder, data_files=data_files, streaming=args.streaming, **options)
             except Exception as error:  # noqa: BLE001 - `datasets` wraps the decoder's error; re-raised with the file
-                _raise_for_bad_file(all_files, error)
+                _raise_for_bad_file(text_files, error)
                 raise
         _check_text_column(raw, args.text_column, source)
         if "validation" not in raw and args.validation_split_percentage > 0:
             raw = _carve_validation(raw, args.validation_split_percentage)
+        if saved and args.streaming:  # read from disk as a stream, like any other streamed source
+            raw = IterableDatasetDict({split: dataset.to_iterable_dataset() for split, dataset in raw.items()})
     _check_has_text(raw["train"], args.text_column, f"training split of {source}")
     if "validation" in raw:
         _check_has_text(raw["validation"], args.text_column, f"validation split of {source}")
