@@ -4,6 +4,10 @@ Importing the package registers the model with the Auto classes, so saved models
 ``AutoModelForCausalLM.from_pretrained`` and no remote code.
 """
 
+import importlib.abc
+import importlib.util
+import sys
+
 import transformers
 from transformers import AutoConfig
 
@@ -33,6 +37,38 @@ for _auto_name, _class_name in AUTO_CLASSES.items():
     _model_class = getattr(modeling_lowrank, _class_name)
     getattr(transformers, _auto_name).register(LowRankLlamaConfig, _model_class, exist_ok=True)
     _model_class.register_for_auto_class(_auto_name)
+
+
+# PEFT's own calls (`get_peft_model(model, LoraConfig(target_modules=["q_proj"]))`, `PeftModel.from_pretrained`,
+# `merge_and_unload`) need whole factorized projections registered with every LoraConfig
+# (`peft_integration.install_peft_registration`). PEFT is imported only if the user imports it: now, if it already
+# is, or right after its own import otherwise, so `import hf_lowrank` stays light.
+class _AfterPeftImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "peft":
+            return None
+        sys.meta_path.remove(self)  # find the real spec below, and never run twice
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            from .peft_integration import install_peft_registration
+
+            install_peft_registration()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "peft" in sys.modules:
+    from .peft_integration import install_peft_registration
+
+    install_peft_registration()
+elif importlib.util.find_spec("peft") is not None and not any(isinstance(f, _AfterPeftImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterPeftImport())
 
 __all__ = [
     "LOWRANK_FACTOR_NAMES",

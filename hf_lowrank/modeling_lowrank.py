@@ -498,7 +498,9 @@ class LowRankLlamaPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Transformers' ``save_pretrained``; when the code is saved beside the weights, ``auto_map`` lists every
         class of ``AUTO_CLASSES``, not only the saved class's own Auto class, so remote code loads the folder as
-        any of them (``AutoModel`` for feature extraction, a task head, ...)."""
+        any of them (``AutoModel`` for feature extraction, a task head, ...). The config is first given the ranks the
+        factors actually have (`sync_factor_ranks`), so a folder the model saved always loads."""
+        self.sync_factor_ranks()
         if self._auto_class is not None:
             module = type(self).__module__.rsplit(".", 1)[-1]
             config_module = type(self.config).__module__.rsplit(".", 1)[-1]
@@ -507,6 +509,36 @@ class LowRankLlamaPreTrainedModel(PreTrainedModel):
             auto_map.update({auto: f"{module}.{name}" for auto, name in AUTO_CLASSES.items()})
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def sync_factor_ranks(self) -> None:
+        """Write the ranks the factors hold into ``config.rank_overrides`` where they differ from the config's.
+
+        A LoRA merge into a whole projection (PEFT's own ``merge_and_unload``) grows its rank from r to r + k; saved
+        with the old ranks in ``config.json``, the folder would not load (size mismatch). Raises ``ValueError``,
+        before anything is written, when one projection has different ranks in different layers (the config holds
+        one rank per projection name) or a rank that is no longer a factorization."""
+        ranks: dict[str, dict[str, int]] = {}
+        for name, module in self.named_modules():
+            if isinstance(module, LowRankLinear):
+                rank = module.down.weight.shape[0]
+                if rank >= min(module.in_features, module.out_features):
+                    raise ValueError(
+                        f"{name} holds factors of rank {rank} >= min(in, out) = "
+                        f"{min(module.in_features, module.out_features)}: no longer a factorization, so it cannot be "
+                        "saved as one. Merge a smaller LoRA r, or save the dense model (`hf-lowrank convert --to_dense`)."
+                    )
+                ranks.setdefault(name.rsplit(".", 1)[-1], {})[name] = rank
+        for projection, per_layer in ranks.items():
+            if len(set(per_layer.values())) > 1:
+                raise ValueError(
+                    f"The {projection} layers hold factors of different ranks ({per_layer}); the config holds one rank "
+                    f"per projection name, so the model cannot be saved and reloaded. Give every layer's {projection} "
+                    "the same rank (e.g. the same LoRA r on every layer before merging)."
+                )
+        for projection, per_layer in ranks.items():
+            rank = next(iter(per_layer.values()))
+            if rank != self.config.rank_for(projection):
+                self.config.rank_overrides = {**self.config.rank_overrides, projection: rank}
 
     @torch.no_grad()
     def _init_weights(self, module):

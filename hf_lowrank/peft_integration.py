@@ -14,11 +14,14 @@ cuts the k columns and rows off again. :func:`merge_and_unload` also writes the 
 (``rank_overrides``), so the merged model saves and reloads as a `lowrank_llama` model; it refuses, before touching
 the model, when the merged ranks of one projection differ between layers (the config holds one rank per projection
 name) or reach min(in, out) (no longer a factorization: convert to dense instead). PEFT's own
-``peft_model.merge_and_unload()`` merges the same way but cannot update the config: call :func:`sync_config_ranks`
-before saving its result.
+``peft_model.merge_and_unload()`` merges the same way, and ``save_pretrained`` of the result writes the grown ranks
+(the model's `sync_factor_ranks`), so the saved folder loads.
 
-PEFT does not save the custom-module mapping in ``adapter_config.json``, so every load registers it again:
-:func:`load_lora` with this package, or, where only the model's remote code is available (no ``hf_lowrank``)::
+**PEFT's own calls work once `hf_lowrank` is imported** (`install_peft_registration`): ``get_peft_model`` with
+``target_modules=["q_proj", "v_proj"]``, ``PeftModel.from_pretrained``, ``AutoPeftModelForCausalLM``,
+``merge_and_unload``. PEFT does not save the custom-module mapping in ``adapter_config.json``; the registration adds
+it to every new `LoraConfig`. Where only the model's remote code is available (no ``hf_lowrank``), register it by
+hand::
 
     from peft import LoraConfig, PeftModel
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -33,6 +36,9 @@ which gives the same outputs (PEFT's `lora.Linear` runs the forward pass on any 
 """
 
 from __future__ import annotations
+
+import abc
+import functools
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -119,6 +125,42 @@ def _set_factors(base: nn.Module, up_weight: torch.Tensor, down_weight: torch.Te
     base.down, base.up, base.rank = down, up, rank
 
 
+class AnyLowRankLinear(abc.ABC):  # noqa: B024 - a virtual base class: membership by __subclasshook__ alone
+    """Matches every `LowRankLinear` class by ``isinstance``: this package's, and the copy a model loaded through its
+    remote code brings (``transformers_modules.<hash>.modeling_lowrank.LowRankLinear``), which is another class
+    object with the same name and interface."""
+
+    @classmethod
+    def __subclasshook__(cls, candidate):
+        if candidate.__name__ == LOWRANK_LINEAR_CLASS_NAME and hasattr(candidate, "factors"):
+            return True
+        return NotImplemented
+
+
+def install_peft_registration() -> None:
+    """Make every `LoraConfig` know whole factorized projections, so PEFT's own entry points (`get_peft_model`,
+    `PeftModel.from_pretrained`, `AutoPeftModelForCausalLM`, `merge_and_unload`) work on ``"q_proj"``-style targets
+    with no call of this package in between. Idempotent.
+
+    PEFT has no public registry of custom layers: its documented mechanism is the per-config
+    ``LoraConfig._register_custom_module``, which is not saved with an adapter. So this wraps
+    ``LoraConfig.__post_init__`` (which every construction runs, ``LoraConfig.from_pretrained`` included) to
+    register `LowRankLoraLinear` for `AnyLowRankLinear` on each new config. Tested against PEFT 0.19 and 0.21
+    (tests/test_peft_projections.py). `hf_lowrank` calls this when PEFT is imported (see ``hf_lowrank/__init__.py``).
+    """
+    if getattr(LoraConfig.__post_init__, "_hf_lowrank", False):
+        return
+    original = LoraConfig.__post_init__
+
+    @functools.wraps(original)
+    def __post_init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._register_custom_module({AnyLowRankLinear: LowRankLoraLinear})
+
+    __post_init__._hf_lowrank = True
+    LoraConfig.__post_init__ = __post_init__
+
+
 def register_lowrank_lora(config: LoraConfig, model: nn.Module | None = None) -> LoraConfig:
     """Let ``config`` target whole `LowRankLinear` projections (``"q_proj"``, ...); returns ``config``.
 
@@ -170,17 +212,8 @@ def _check_uniform(ranks: dict[str, dict[str, int]]) -> None:
 
 def sync_config_ranks(model: nn.Module) -> None:
     """Write the ranks of ``model``'s factorized projections into ``model.config.rank_overrides`` (after a merge
-    grew them); raises ``ValueError`` when one projection has different ranks in different layers."""
-    ranks: dict[str, dict[str, int]] = {}
-    for name, module in model.named_modules():
-        if _is_lowrank_linear(module):
-            ranks.setdefault(_projection_name(name), {})[name] = module.rank
-    _check_uniform(ranks)
-    config = model.config
-    for projection, per_layer in ranks.items():
-        rank = next(iter(per_layer.values()))
-        if rank != config.rank_for(projection):
-            config.rank_overrides = {**config.rank_overrides, projection: rank}
+    grew them): the model's own `sync_factor_ranks`, which ``save_pretrained`` also runs."""
+    model.sync_factor_ranks()
 
 
 def merge_and_unload(peft_model: PeftModel, safe_merge: bool = False, adapter_names: list[str] | None = None):
@@ -206,7 +239,9 @@ def merge_and_unload(peft_model: PeftModel, safe_merge: bool = False, adapter_na
 
 
 __all__ = [
+    "AnyLowRankLinear",
     "LowRankLoraLinear",
+    "install_peft_registration",
     "get_lowrank_peft_model",
     "load_lora",
     "merge_and_unload",

@@ -2,6 +2,8 @@
 reloaded (with the package and by remote code only), merged exactly into a rank-grown factorized model."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +18,6 @@ from hf_lowrank.peft_integration import (
     get_lowrank_peft_model,
     load_lora,
     merge_and_unload,
-    register_lowrank_lora,
 )
 
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -43,6 +44,32 @@ print(json.dumps({"module": type(model.base_model.model).__module__, "logits": l
 )
 
 
+# A process without hf_lowrank loads the folder PEFT's merge_and_unload + save_pretrained wrote, by remote code.
+REMOTE_MERGED = (
+    BLOCK_HF_LOWRANK
+    + r"""
+import sys, json
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(torch.tensor(json.loads(sys.argv[2]))).logits
+print(json.dumps({"module": type(model).__module__, "logits": logits.tolist()}))
+"""
+)
+
+# The rest of a user's script after its imports: PEFT's own get_peft_model on whole projections, one step.
+REGISTERED_IN_A_FRESH_PROCESS = r"""
+import json, torch
+model = hf_lowrank.LowRankLlamaForCausalLM(hf_lowrank.preset_config("tiny"))
+model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+ids = torch.randint(0, 512, (2, 8))
+model(input_ids=ids, labels=ids).loss.backward()
+layer = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+print(json.dumps({"q_proj": type(layer).__name__, "trains": layer.lora_A["default"].weight.grad is not None}))
+"""
+
+
 class TokenBlocks(torch.utils.data.Dataset):
     def __init__(self, n=16, length=16):
         self.ids = torch.randint(0, 512, (n, length), generator=torch.Generator().manual_seed(0))
@@ -59,10 +86,11 @@ def trained(tmp_path_factory):
     """(base folder, adapter folder, PEFT model): LoRA r=4 on q_proj and v_proj, trained 6 Trainer steps."""
     root = tmp_path_factory.mktemp("peft")
     torch.manual_seed(0)
-    base = LowRankLlamaForCausalLM(preset_config("tiny"))
-    base.save_pretrained(root / "base")
+    LowRankLlamaForCausalLM(preset_config("tiny")).save_pretrained(root / "base")
+    base = AutoModelForCausalLM.from_pretrained(root / "base")  # as users load it: the adapter records its path
+    # PEFT's own call, as users write it: `import hf_lowrank` made whole projections known to every LoraConfig
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    model = get_lowrank_peft_model(base, config)
+    model = get_peft_model(base, config)
     args = TrainingArguments(
         output_dir=str(root / "run"), max_steps=6, learning_rate=1e-2, per_device_train_batch_size=4,
         use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=0,
@@ -84,12 +112,53 @@ def test_projection_targets_wrap_the_whole_lowrank_linear(trained):
     assert set(json.loads((adapter / "adapter_config.json").read_text())["target_modules"]) == {"q_proj", "v_proj"}
 
 
-def test_plain_peft_without_registration_still_refuses():
-    """What PEFT does on its own (the reason `register_lowrank_lora` exists)."""
-    model = LowRankLlamaForCausalLM(preset_config("tiny"))
-    with pytest.raises(ValueError, match="not supported"):
-        get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"]))
-    assert get_peft_model(model, register_lowrank_lora(LoraConfig(target_modules=["q_proj", "v_proj"])))
+def test_peft_own_calls_load_merge_save_and_reload(trained, tmp_path):
+    """`PeftModel.from_pretrained`, `AutoPeftModelForCausalLM` and PEFT's `merge_and_unload` + `save_pretrained`, with
+    no call of this package in between: the merged folder holds the grown ranks in its config and loads."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    base, adapter, model = trained
+    with torch.no_grad():
+        expected = model(IDS).logits
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter)).eval()
+        torch.testing.assert_close(reloaded(IDS).logits, expected)
+        auto = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).eval()
+        torch.testing.assert_close(auto(IDS).logits, expected)
+        merged = auto.merge_and_unload()  # PEFT's own merge: the factors grow from r to r + k, exactly
+        assert merged.model.layers[0].self_attn.q_proj.rank == 16 + 4
+        merged.save_pretrained(tmp_path / "merged")
+        assert json.loads((tmp_path / "merged" / "config.json").read_text())["rank_overrides"] == {
+            "q_proj": 20, "v_proj": 12
+        }  # fmt: skip
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(again(IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    payload = run_without_package(REMOTE_MERGED, str(tmp_path / "merged"), json.dumps(IDS.tolist()), cwd=tmp_path)
+    assert payload["module"].startswith("transformers_modules")
+    torch.testing.assert_close(torch.tensor(payload["logits"]), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("peft_first", [False, True], ids=["hf_lowrank-then-peft", "peft-then-hf_lowrank"])
+def test_plain_get_peft_model_on_projection_names_in_a_fresh_process(tmp_path, peft_first):
+    """As a user's script does it, in either import order (PEFT imported after hf_lowrank is registered when it is
+    imported; before, at `import hf_lowrank`)."""
+    imports = ["import hf_lowrank", "from peft import LoraConfig, get_peft_model"]
+    script = "\n".join([*(reversed(imports) if peft_first else imports), REGISTERED_IN_A_FRESH_PROCESS])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"q_proj": "LowRankLoraLinear", "trains": True}
+
+
+def test_the_registration_leaves_other_layers_to_peft():
+    """Factors (`q_proj.up`) and dense layers keep PEFT's standard `lora.Linear`; only whole projections are ours."""
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    model = LowRankLlamaForCausalLM(preset_config("tiny", lowrank_modules=["q_proj"]))
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "v_proj"]))
+    q = peft_model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    v = peft_model.get_submodule("base_model.model.model.layers.0.self_attn.v_proj")  # dense here
+    assert type(q) is LowRankLoraLinear and type(v) is PeftLoraLinear
+    factors = get_peft_model(LowRankLlamaForCausalLM(preset_config("tiny")), LoraConfig(target_modules=["q_proj.up"]))
+    assert type(factors.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.up")) is PeftLoraLinear
 
 
 def test_reload_and_exact_merge(trained, tmp_path):
