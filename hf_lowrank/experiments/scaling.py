@@ -1,0 +1,111 @@
+"""The scaling study: dense AdamW, dense Muon and Spectron at several model sizes and training-FLOP budgets, with
+learning rates carried from size to size, and fitted laws of loss vs parameters and of the compute-optimal size.
+
+What runs when is decided by :mod:`.scaling_plan`; every run is trained by :mod:`.runner` through the package's own
+pretraining path and scheduled by :mod:`.scheduler`, as the stability study's runs are; :mod:`.scaling_report`
+turns the records into ``summary.json``, ``results.md`` and the plots. Records are written atomically per run and
+checkpoints kept under ``--cache_dir``, so a killed study restarts where it stood.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+from pathlib import Path
+
+from ..cli_support import CommandParser
+from .plan import VARIANTS
+from .runner import prepare_data
+from .scaling_plan import ScalingPlan, ScalingSettings, smoke_scaling_settings
+from .scaling_report import write_report
+from .scheduler import holding, quiet_environment, study_key, train_pending
+
+
+def run_scaling_study(
+    settings: ScalingSettings,
+    out_dir: str | os.PathLike,
+    *,
+    workers: int = 2,
+    cache_dir: str | os.PathLike = "runs/scaling-cache",
+    max_segments: int | None = None,
+    command: str | None = None,
+    log=print,
+) -> dict:
+    """Train every run of the study not yet recorded under ``out_dir/runs``, then write the report.
+
+    Returns ``{"trained": [run ids, one per segment trained by this call], "summary": the summary.json payload}``.
+    """
+    plan = ScalingPlan(settings)  # refuses impossible settings before anything is written
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    runs_dir = out_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    # Every size shares the tokenizer and the packed corpus (the data fingerprint leaves the model's shape out).
+    data_dir, data_info = prepare_data(plan.size_settings(plan.sizes[0]), cache_dir, log=log)
+    with holding(cache_dir / f"scaling-{study_key(out_dir)}", "scaling study", out_dir):
+        done, trained = train_pending(
+            plan, runs_dir, data_dir, cache_dir, out_dir, workers=workers, threads=settings.base.threads_per_worker,
+            max_segments=max_segments, log=log,
+        )  # fmt: skip
+        summary = write_report(out_dir, plan, done, data_info, command or command_line(settings, out_dir))
+    state = "complete" if plan.finished(done) else f"{len(plan.segments(done))} segments ready to train"
+    log(f"wrote {out_dir}/summary.json, results.md and plots ({len(trained)} segments trained by this call; {state})")
+    return {"trained": trained, "summary": summary}
+
+
+def command_line(settings: ScalingSettings, out_dir, *, smoke: bool = False, workers: int = 2) -> str:
+    """The command that trains (or, finished, regenerates) the study ``settings`` describe."""
+    words = ["hf-lowrank", "scaling-study", "--out", str(out_dir)] + (["--smoke"] if smoke else [])
+    words += ["--widths", *map(str, settings.widths), "--layers", str(settings.layers)]
+    words += ["--budgets", *(f"{b:g}" for b in settings.budgets), "--variants", *settings.variants]
+    words += ["--seeds", str(settings.seeds), "--workers", str(workers)]
+    if settings.base.device != "cpu":
+        words += ["--device", settings.base.device]
+    return shlex.join(words)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def main(argv: list[str] | None = None) -> int:
+    parser = CommandParser(
+        prog="hf-lowrank scaling-study",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    defaults = ScalingSettings()
+    parser.add_argument("--out", required=True, help="Results folder: runs/*.json, summary.json, results.md, plots.")
+    parser.add_argument("--smoke", action="store_true", help="Seconds-long tiny settings (checks the tool).")
+    parser.add_argument("--widths", type=int, nargs="+", help=f"Model widths (default {list(defaults.widths)}).")
+    parser.add_argument("--layers", type=int, help=f"Layers of every size (default {defaults.layers}).")
+    parser.add_argument(
+        "--budgets", type=float, nargs="+", help=f"Training FLOPs per run (default {list(defaults.budgets)})."
+    )
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help=f"Default: {list(defaults.variants)}.")
+    parser.add_argument("--seeds", type=int, help=f"Seeds at the largest size (default {defaults.seeds}).")
+    parser.add_argument("--workers", type=int, default=2, help="Training processes (0: in this process).")
+    parser.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Where the runs train.")
+    parser.add_argument("--max_segments", type=int, help="Stop after this many runs (resume later).")
+    parser.add_argument(
+        "--report_only", action="store_true", help="Rewrite the report from the records; train nothing."
+    )
+    parser.add_argument("--cache_dir", default="runs/scaling-cache", help="Tokenized corpus and checkpoints.")
+    args = parser.parse_args(argv)
+    settings = smoke_scaling_settings() if args.smoke else ScalingSettings()
+    for name in ("widths", "budgets", "variants"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, tuple(getattr(args, name)))
+    for name in ("layers", "seeds"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    settings.base = dataclasses.replace(settings.base, threads_per_worker=args.threads, device=args.device)
+    quiet_environment()
+    run_scaling_study(
+        settings,
+        args.out,
+        workers=args.workers,
+        cache_dir=args.cache_dir,
+        max_segments=0 if args.report_only else args.max_segments,
+        command=command_line(settings, args.out, smoke=args.smoke, workers=args.workers),
+    )
+    return 0
