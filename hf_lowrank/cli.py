@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("hf_lowrank.bench.runner:main", "benchmark factorized vs dense: throughput, memory, generation"),
     "gpu-check": ("hf_lowrank.bench.gpu:main", "the benchmark in bf16 plus a short stability check on one GPU"),
     "stability-study": ("hf_lowrank.experiments.sweep:main", "the paper's ablation over learning rates (resumable)"),
+    "scaling-study": ("hf_lowrank.experiments.scaling:main", "dense vs Spectron over sizes and FLOP budgets, fitted"),
+    "instability-hunt": ("hf_lowrank.experiments.instability:main", "naive low-rank vs Spectron where training breaks"),
 }
 
 DESCRIPTION = "Native low-rank LLM pretraining with Spectron, on the Hugging Face stack."
