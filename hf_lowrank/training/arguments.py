@@ -222,6 +222,14 @@ class RunArguments:
             "the final evaluation always uses the whole validation split."
         },
     )
+    allow_world_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume even when the tokenizer or the model definition differ from the checkpoint's (the weights "
+            "then mean something else: for deliberate surgery only). Without it such a resume is refused; changed "
+            "data is always resumed with a warning naming the change."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={

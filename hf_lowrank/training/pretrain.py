@@ -43,6 +43,7 @@ from .summary import (
 from .tokenizer import check_vocab
 from .trainer import build_step_guard, build_trainer
 from .validation import check_config_keys, check_inputs
+from .world import data_world
 
 logger = logging.getLogger("hf_lowrank.pretrain")
 
@@ -183,6 +184,9 @@ def _train_and_save(model_args, data_args, optimizer_args, run_args, training_ar
         guard=guard,
         callbacks=(preemption,),
     )
+    # The data this run trains on, recorded in every checkpoint and compared at resume with the tokenizer and model
+    # (R29); hashing samples files larger than 16 MiB, so this costs well under a second on a multi-GB corpus.
+    trainer.data_world = data_world(data_args, block_size, training_args.data_seed)
     train_result = trainer.train(resume_from_checkpoint=resume)
     if preemption.stop_requested(training_args):  # SIGTERM: checkpoint saved at the step it stopped (R24)
         raise TrainingPreempted(output_dir, trainer.state.global_step)

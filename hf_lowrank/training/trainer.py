@@ -34,6 +34,8 @@ from .checkpointing import (
 )
 from .diagnostics import LossSpikeDetector, SpectralDiagnosticsCallback
 from .guards import APPLY, ROLLBACK, GuardedOptimizer, NonFiniteTrainingError, StepGuard, all_finite
+from .world import differences as world_differences
+from .world import model_world, tokenizer_world
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,10 @@ class LowRankTrainer(Trainer):
         # steps ahead of `global_step`, which a resume must reproduce (R3).
         self._data_step_offset = 0
         self._last_applied_step = 0  # the last step whose update reached the weights
+        # The run's data (`world.data_world`, set by `pretrain`) and whether a resume may change the tokenizer or the
+        # model definition (`--allow_world_change`); the tokenizer and the model are read here (R29).
+        self.data_world: dict | None = None
+        self.allow_world_change = False
         if self.optimizer is not None:  # given through `optimizers=(optimizer, scheduler)`: guard it too
             self.optimizer = GuardedOptimizer(self.optimizer, self._should_step)
 
@@ -319,6 +325,34 @@ class LowRankTrainer(Trainer):
         for key, (old, new) in changed.items():
             logger.warning("Resuming with --%s %s (the checkpoint was trained with %s).", key, new, old)
 
+    def _world(self) -> dict:
+        """What this run trains on, as `world` records it: data (if known), tokenizer and model definition."""
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        return {
+            "data": self.data_world,
+            "tokenizer": tokenizer_world(self.processing_class) if self.processing_class is not None else None,
+            "model": model_world(model.config),
+        }
+
+    def _check_world(self, saved: dict | None, path: str) -> None:
+        """Name every difference between the checkpoint's world and this run's; refuse a changed tokenizer or model
+        definition unless ``allow_world_change``, warn about changed data (R29)."""
+        if saved is None:
+            logger.warning("%s records no data/tokenizer/model fingerprint (an older checkpoint): not compared.", path)
+            return
+        refused, warned = world_differences(saved, self._world())
+        if refused and not self.allow_world_change:
+            raise ValueError(
+                f"Cannot resume from {os.path.dirname(path)}: {'; '.join(refused)}. The checkpoint's weights were "
+                "trained in another world, so they would mean something else here. Resume with the checkpoint's "
+                "tokenizer (saved in the checkpoint folder) and model settings, start a new run in a new "
+                "--output_dir, or pass --allow_world_change if this is deliberate."
+            )
+        for line in refused:
+            logger.warning("Resuming although %s (--allow_world_change).", line)
+        for line in warned:
+            logger.warning("Resuming although %s.", line)
+
     def _load_extra_state(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, EXTRA_STATE_NAME)
         if not os.path.isfile(path):
@@ -326,6 +360,7 @@ class LowRankTrainer(Trainer):
             return
         state = read_extra_state(path)  # checked: a malformed file is a CheckpointError naming it
         self._check_settings(state.get("settings"), path)
+        self._check_world(state.get("world"), path)
         self.guard.load_state_dict(state["guard"])
         self._data_step_offset = state.get("data_step_offset", 0)
 
@@ -510,6 +545,7 @@ class LowRankTrainer(Trainer):
                 "guard": self.guard.state_dict(),
                 "settings": self._run_settings(),
                 "data_step_offset": self._data_step_offset,
+                "world": self._world(),
             }
             write_json_atomic(os.path.join(staging, EXTRA_STATE_NAME), extra)
         crash_point("state")
@@ -568,7 +604,7 @@ def build_trainer(
         every=run_args.diagnostics_steps or max(1, int(training_args.logging_steps)),
         spike_detector=guard.spike_detector,  # the detector the guard feeds: diag/loss_spikes counts its spikes
     )
-    return LowRankTrainer(
+    trainer = LowRankTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -579,3 +615,5 @@ def build_trainer(
         optimizer_args=optimizer_args,
         guard=guard,
     )
+    trainer.allow_world_change = run_args.allow_world_change
+    return trainer
