@@ -1,15 +1,20 @@
 """The scaling study's tool: the planning rules (lr carried from size to size, edge extension, seeds at the largest
 size, steps at equal FLOPs), the fits, and the command end to end on the tiny preset (resumable, one line per error)."""
 
+import copy
 import dataclasses
 import json
 import math
+import os
+import shlex
+import shutil
 
 import pytest
 
 from hf_lowrank import cli
-from hf_lowrank.experiments.plan import Job, StudySettings
-from hf_lowrank.experiments.scaling import run_scaling_study
+from hf_lowrank.experiments.plan import Job, StudySettings, smoke_settings
+from hf_lowrank.experiments.runner import prepare_data
+from hf_lowrank.experiments.scaling import build_parser, command_line, run_scaling_study, settings_from_args
 from hf_lowrank.experiments.scaling_fits import (
     loglog_fit,
     loss_vs_params_fit,
@@ -18,7 +23,7 @@ from hf_lowrank.experiments.scaling_fits import (
     saturating_fit,
 )
 from hf_lowrank.experiments.scaling_plan import ScalingPlan, ScalingSettings, smoke_scaling_settings
-from hf_lowrank.experiments.scaling_report import non_embedding_parameters
+from hf_lowrank.experiments.scaling_report import non_embedding_parameters, results_markdown
 
 # The end-to-end study: two variants (Spectron and one dense baseline, enough for the gap) keep it to ~30 tiny runs.
 E2E_VARIANTS = ("dense_adamw", "spectron")
@@ -122,6 +127,36 @@ def test_impossible_settings_are_refused():
         ScalingPlan(dataclasses.replace(ScalingSettings(), variants=("sgd",)))
 
 
+def test_the_regenerating_command_describes_the_same_study():
+    flags = ["--out", "gpu", "--widths", "256", "512", "--layers", "8", "--budgets", "1e16", "3e16", "--bf16",
+             "--device", "cuda", "--batch_size", "32", "--block_size", "512", "--train_files", "shards/*.jsonl"]  # fmt: skip
+    settings = settings_from_args(build_parser().parse_args(flags))
+    assert settings.base.model_overrides["max_position_embeddings"] == 512  # positions cover a block
+    assert settings.base.data == {"train_files": ["shards/*.jsonl"]} and settings.base.bf16
+    words = shlex.split(command_line(settings, "gpu"))
+    assert words[:2] == ["hf-lowrank", "scaling-study"]
+    assert settings_from_args(build_parser().parse_args(words[2:])) == settings
+    smoke = settings_from_args(build_parser().parse_args(["--out", "x", "--smoke"]))
+    assert settings_from_args(build_parser().parse_args(shlex.split(command_line(smoke, "x", smoke=True))[2:])) == smoke
+
+
+def test_a_study_can_train_on_other_text(tmp_path):
+    # Local files instead of the built-in corpus: their own tokenized folder and fingerprints; the stability
+    # study's (no data source) are unchanged.
+    text = tmp_path / "text"
+    text.mkdir()
+    stdlib = os.path.dirname(os.__file__)
+    for name in ("argparse", "dataclasses", "fractions", "glob", "gzip", "shlex", "textwrap", "uuid"):
+        shutil.copy(os.path.join(stdlib, f"{name}.py"), text / f"{name}.txt")
+    settings = dataclasses.replace(smoke_settings(), data={"train_files": [str(text / "*.txt")]})
+    assert settings.data_fingerprint() != smoke_settings().data_fingerprint()
+    assert settings.fingerprint() != smoke_settings().fingerprint()
+    assert StudySettings().data_fingerprint() == "ae41efc08942"  # the stability study's tokenized corpus
+    data_dir, info = prepare_data(settings, tmp_path / "cache")
+    assert data_dir.name == f"data-{settings.data_fingerprint()}"
+    assert info["tokenizer_size"] == settings.model_config(dense=True).vocab_size and info["train_tokens"] > 0
+
+
 # ------------------------------------------------------------------------------------------------ fits
 def test_the_saturating_law_is_recovered_with_its_uncertainty():
     n = [1e5, 3e5, 1e6, 3e6, 1e7]
@@ -218,6 +253,12 @@ def test_the_study_writes_losses_fits_gaps_and_plots(study):
         assert heading in results
     for name in ("loss_vs_flops.png", "loss_vs_params.png", "gap_vs_size.png"):
         assert (out / name).stat().st_size > 0, name
+    # No smoke run repeats its data; a run that would is named under the loss table.
+    repeated = copy.deepcopy(summary)  # the fixture's summary is shared with the next test
+    entry = repeated["final_loss"]["6e+08"]["spectron"]["w32d2"]
+    assert 0 < entry["epochs"] < 1 and "epochs" not in results
+    entry["epochs"] = 2.5
+    assert "low-rank + Spectron at width 32, 6e+08 FLOPs: 2.5 epochs" in results_markdown(repeated)
 
 
 @pytest.mark.slow

@@ -104,6 +104,9 @@ class StudySettings:
     eval_blocks: int = 512  # the fixed validation subset (65,536 tokens): the first blocks of the validation split
     eval_batch_size: int = 32
     max_corpus_bytes: int = 0  # the whole built-in corpus (~12 MB): more tokens than the longest run trains on
+    # Another text source: `DataArguments` fields, e.g. {"dataset_name": "allenai/c4", "dataset_config_name": "en"}
+    # or {"train_files": ["corpus/*.txt"]}; empty: the built-in corpus (`max_corpus_bytes` of it).
+    data: dict = field(default_factory=dict)
     seed: int = 0  # seed of the grid runs; further seeds are seed + 1, ...
     # Not part of a run's identity:
     seeds: int = 2  # seeds at each variant's best and largest non-diverged lr
@@ -126,7 +129,7 @@ class StudySettings:
 
     # Fields added after records were written, with the value those records were trained with: at that value a
     # field is left out of the fingerprint, so the older records stay valid; any other value changes it.
-    _ADDED_LATER = {"adamw_betas": (0.9, 0.999), "lr_scheduler": "cosine", "bf16": False}
+    _ADDED_LATER = {"adamw_betas": (0.9, 0.999), "lr_scheduler": "cosine", "bf16": False, "data": {}}
 
     def fingerprint(self) -> str:
         fields = {
@@ -138,6 +141,8 @@ class StudySettings:
 
     def data_fingerprint(self) -> str:
         fields = [self.max_corpus_bytes, self.block_size, self.model_overrides.get("vocab_size"), self.eval_blocks]
+        if self.data:  # appended only when set: the built-in corpus keeps the folder it had
+            fields.append(self.data)
         return hashlib.sha256(json.dumps([self.preset, *fields]).encode()).hexdigest()[:12]
 
     def model_config(self, dense: bool, rank_ratio: float | None = None, **special_ids):

@@ -40,7 +40,8 @@ def prepare_data(settings: StudySettings, cache_dir: Path, log=print) -> tuple[P
         return data_dir, json.loads(info_path.read_text())
     started = time.time()
     config = settings.model_config(dense=False)
-    args = DataArguments(max_corpus_bytes=settings.max_corpus_bytes, block_size=settings.block_size)
+    source = dict(settings.data) if settings.data else {"max_corpus_bytes": settings.max_corpus_bytes}
+    args = DataArguments(block_size=settings.block_size, **source)
     tokenizer, train, validation = build_datasets(
         args, output_dir=str(data_dir), block_size=settings.block_size, config=config
     )

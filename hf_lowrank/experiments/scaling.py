@@ -60,13 +60,18 @@ def command_line(settings: ScalingSettings, out_dir, *, smoke: bool = False, wor
     words += ["--widths", *map(str, settings.widths), "--layers", str(settings.layers)]
     words += ["--budgets", *(f"{b:g}" for b in settings.budgets), "--variants", *settings.variants]
     words += ["--seeds", str(settings.seeds), "--workers", str(workers)]
+    words += ["--batch_size", str(settings.base.batch_size), "--block_size", str(settings.base.block_size)]
+    for name, value in settings.base.data.items():
+        words += [f"--{name}", *(value if isinstance(value, list) else [value])]
+    if settings.base.bf16:
+        words += ["--bf16"]
     if settings.base.device != "cpu":
         words += ["--device", settings.base.device]
     return shlex.join(words)
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> CommandParser:
     parser = CommandParser(
         prog="hf-lowrank scaling-study",
         description=__doc__.split("\n\n")[0],
@@ -82,15 +87,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help=f"Default: {list(defaults.variants)}.")
     parser.add_argument("--seeds", type=int, help=f"Seeds at the largest size (default {defaults.seeds}).")
+    parser.add_argument(
+        "--batch_size", type=int, help=f"Sequences per step (default {defaults.base.batch_size}; raise it on GPUs)."
+    )
+    parser.add_argument("--block_size", type=int, help=f"Tokens per sequence (default {defaults.base.block_size}).")
+    parser.add_argument("--dataset_name", help="Text to train on: a Hub dataset or a save_to_disk folder.")
+    parser.add_argument("--dataset_config_name", help="Configuration of --dataset_name, e.g. 'en'.")
+    parser.add_argument("--train_files", nargs="+", help="Local text files or globs (.txt, .jsonl, .parquet ...).")
     parser.add_argument("--workers", type=int, default=2, help="Training processes (0: in this process).")
     parser.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Where the runs train.")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (float32 weights), as on GPUs.")
     parser.add_argument("--max_segments", type=int, help="Stop after this many runs (resume later).")
     parser.add_argument(
         "--report_only", action="store_true", help="Rewrite the report from the records; train nothing."
     )
     parser.add_argument("--cache_dir", default="runs/scaling-cache", help="Tokenized corpus and checkpoints.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ScalingSettings:
+    """The study the parsed flags describe: the defaults (or the smoke settings) with every given flag applied."""
     settings = smoke_scaling_settings() if args.smoke else ScalingSettings()
     for name in ("widths", "budgets", "variants"):
         if getattr(args, name) is not None:
@@ -98,7 +115,23 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("layers", "seeds"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
-    settings.base = dataclasses.replace(settings.base, threads_per_worker=args.threads, device=args.device)
+    settings.base = dataclasses.replace(
+        settings.base, threads_per_worker=args.threads, device=args.device, bf16=args.bf16 or settings.base.bf16
+    )
+    if args.batch_size is not None:
+        settings.base = dataclasses.replace(settings.base, batch_size=args.batch_size)
+    if args.block_size is not None:  # the model's positions must cover a block
+        overrides = {**settings.base.model_overrides, "max_position_embeddings": args.block_size}
+        settings.base = dataclasses.replace(settings.base, block_size=args.block_size, model_overrides=overrides)
+    data = {k: getattr(args, k) for k in ("dataset_name", "dataset_config_name", "train_files") if getattr(args, k)}
+    if data:  # default: the built-in corpus
+        settings.base = dataclasses.replace(settings.base, data=data)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
     quiet_environment()
     run_scaling_study(
         settings,

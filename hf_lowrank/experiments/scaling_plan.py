@@ -195,10 +195,9 @@ class ScalingPlan:
 
     def _finals(self, variant, index, lrs, done) -> dict[float, tuple[float, bool]] | None:
         """lr → (final loss, diverged) once every run at ``lrs`` has finished, else None."""
-        size = self.sizes[index]
-        records = {lr: done.get(self.job(variant, size, self.tuning_budget, lr).id) for lr in lrs}
-        jobs = {lr: self.job(variant, size, self.tuning_budget, lr) for lr in lrs}
-        if not all(is_done(records[lr], jobs[lr].steps) for lr in lrs):
+        jobs = {lr: self.job(variant, self.sizes[index], self.tuning_budget, lr) for lr in lrs}
+        records = {lr: done.get(job.id) for lr, job in jobs.items()}
+        if not all(is_done(records[lr], job.steps) for lr, job in jobs.items()):
             return None
         return {lr: (r["final_loss"], r["diverged"]) for lr, r in records.items()}
 

@@ -27,7 +27,7 @@ def budget_key(budget: float) -> str:
 # ------------------------------------------------------------------------------------------------ summary
 def summarize(plan: ScalingPlan, done: dict[str, dict], data_info: dict, command: str) -> dict:
     """The ``summary.json`` payload."""
-    finals = final_losses(plan, done)
+    finals = final_losses(plan, done, data_info["train_tokens"])
     return {
         "complete": plan.finished(done),
         "command": command,
@@ -41,9 +41,8 @@ def summarize(plan: ScalingPlan, done: dict[str, dict], data_info: dict, command
         "fits": fits(plan, finals),
         "compute_optimal": compute_optimal(plan, finals),
         "gap": gaps(plan, finals),
-        "settings": {
-            k: v for k, v in dataclasses.asdict(plan.settings).items() if k != "base"
-        },  # each size's full settings are in `sizes`' fingerprints and `base`
+        # The study's own settings, and the base every size's settings derive from (each fingerprint in `sizes`).
+        "settings": {k: v for k, v in dataclasses.asdict(plan.settings).items() if k != "base"},
         "base_settings": dataclasses.asdict(plan.settings.base),
         "data": data_info,
         "runs": len(done),
@@ -115,8 +114,9 @@ def lr_tuning(plan: ScalingPlan, done: dict) -> dict:
     return out
 
 
-def final_losses(plan: ScalingPlan, done: dict) -> dict:
-    """Per budget, variant and size: the runs at the chosen lr (every seed trained so far)."""
+def final_losses(plan: ScalingPlan, done: dict, train_tokens: int) -> dict:
+    """Per budget, variant and size: the runs at the chosen lr (every seed trained so far). ``epochs`` is the
+    run's tokens over the training split's: above 1, the run saw some of its data again."""
     out = {}
     for budget in plan.budgets:
         out[budget_key(budget)] = {}
@@ -136,6 +136,7 @@ def final_losses(plan: ScalingPlan, done: dict) -> dict:
                     "n": non_embedding_parameters(plan, variant, size),
                     "steps": jobs[0].steps,
                     "tokens": jobs[0].steps * plan.size_settings(size).tokens_per_step,
+                    "epochs": jobs[0].steps * plan.size_settings(size).tokens_per_step / train_tokens,
                     "training_flops": jobs[0].steps * plan.flops_per_step(variant, size),
                     "seeds": [r["seed"] for r in runs],
                     "final_loss": losses,
@@ -342,7 +343,25 @@ def _loss_table(summary: dict) -> list[str]:
                 f"| {label} | {size['width']} | {_millions(n)} | {'—' if lr is None else f'{lr:g}'} | "
                 + " | ".join(cells) + " |"
             )  # fmt: skip
-    return [*lines, ""]
+    return [*lines, "", *_repetition_note(summary)]
+
+
+def _repetition_note(summary: dict) -> list[str]:
+    """Name the runs that trained on more tokens than the training split holds (they repeated data)."""
+    widths = {size["tag"]: size["width"] for size in summary["sizes"]}
+    repeated = [
+        f"{summary['variants'][variant]} at width {widths[tag]}, {key} FLOPs: "
+        f"{entry['epochs']:.1f} epochs"
+        for key, by_variant in summary["final_loss"].items() for variant, entries in by_variant.items()
+        for tag, entry in entries.items() if entry["epochs"] > 1
+    ]  # fmt: skip
+    if not repeated:
+        return []
+    return [
+        f"Runs longer than the {summary['data']['train_tokens']:,}-token training split repeat it: "
+        + "; ".join(repeated) + ".",
+        "",
+    ]  # fmt: skip
 
 
 def _tuning_table(summary: dict) -> list[str]:
