@@ -3,11 +3,12 @@ combined), what counts as stalled at unigram, bf16 autocast on the CPU, and the 
 
 import dataclasses
 import json
+import shlex
 
 import pytest
 
 from hf_lowrank import cli
-from hf_lowrank.experiments.instability import run_hunt
+from hf_lowrank.experiments.instability import build_parser, command_line, run_hunt, settings_from_args
 from hf_lowrank.experiments.instability_plan import (
     TUNED_LRS,
     Condition,
@@ -60,6 +61,15 @@ def test_each_condition_changes_its_factor_alone_and_the_combinations_change_the
         assert plan.job(variant, by_name["bf16"]).clip
     assert len({plan.condition_settings(c).fingerprint() for c in ("baseline", "deep", "bf16", "no_warmup")}) == 4
     assert Job("spectron", 0.01, 0, 1500).id == "spectron_lr0.01_seed0_steps1500"  # the stability study's ids
+
+
+def test_the_regenerating_command_describes_the_same_hunt():
+    flags = ["--out", "x", "--conditions", "deep", "bf16", "--variants", "spectron", "--steps", "2000", "--seeds", "2"]
+    settings = settings_from_args(build_parser().parse_args(flags))
+    assert [c.name for c in settings.conditions] == ["deep", "bf16"] and settings.steps == 2000
+    words = shlex.split(command_line(settings, "x"))
+    assert words[:2] == ["hf-lowrank", "instability-hunt"]
+    assert settings_from_args(build_parser().parse_args(words[2:])) == settings
 
 
 def test_bad_conditions_are_refused():

@@ -66,7 +66,7 @@ def command_line(settings: HuntSettings, out_dir, *, smoke: bool = False, worker
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> CommandParser:
     parser = CommandParser(
         prog="hf-lowrank instability-hunt",
         description=__doc__.split("\n\n")[0],
@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         "--report_only", action="store_true", help="Rewrite the report from the records; train nothing."
     )
     parser.add_argument("--cache_dir", default="runs/instability-cache", help="Tokenized corpus and checkpoints.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> HuntSettings:
+    """The hunt the parsed flags describe: the defaults (or the smoke settings) with every given flag applied."""
     settings = smoke_hunt_settings() if args.smoke else HuntSettings()
     if args.conditions is not None:
         settings.conditions = tuple(c for c in settings.conditions if c.name in args.conditions)
@@ -98,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     settings.base = dataclasses.replace(settings.base, threads_per_worker=args.threads, device=args.device)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings_from_args(args)
     quiet_environment()
     run_hunt(
         settings,

@@ -118,7 +118,10 @@ class HuntPlan:
             raise ValueError(f"Unknown variants {unknown}; choose from {list(VARIANTS)}.")
         missing = [v for v in s.variants if v not in s.lrs]
         if missing:
-            raise ValueError(f"No tuned lr for {missing}; add them to `lrs`.")
+            raise ValueError(
+                f"No tuned lr for {missing} (the stability study tuned {sorted(s.lrs)}); choose from those, or add "
+                "theirs to `HuntSettings.lrs`."
+            )
         names = [c.name for c in s.conditions]
         if not names or len(set(names)) < len(names):
             raise ValueError(f"Conditions must be given and named uniquely, got {names}.")
