@@ -165,12 +165,13 @@ def evaluate_perplexity(
     """
     context = model.config.max_position_embeddings
     max_length = context if max_length is None else max_length
-    if max_length > context:
-        warnings.warn(
-            f"max_length {max_length} exceeds the model's max_position_embeddings {context}; positions past "
-            "it were never trained.",
-            stacklevel=2,
+    if max_length > context:  # positions past it were never trained: the score would mean nothing
+        raise ValueError(
+            f"--max_length {max_length} exceeds the model's max_position_embeddings {context}; use at most {context} "
+            "(the default)."
         )
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1 (windows per forward pass), got {batch_size}.")
     stride = max(1, max_length // 2) if stride is None else stride
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"`max_tokens` must be at least 2, got {max_tokens}.")

@@ -109,3 +109,19 @@ def test_only_option_names_are_respelled():
     assert snake_case_flags(argv, options) == expected
     with pytest.raises(UsageError, match="unrecognized arguments: --not-an-option"):
         CommandParser(prog="p").parse_args(["--not-an-option"])
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--weight_decay", "1e6"], "--learning_rate 0.02 x --weight_decay 1e+06 = 20000 >= 1"),
+        (["--optimizer", "adamw", "--weight_decay", "400"], "--learning_rate 0.003 x --weight_decay 400"),
+        (["--adamw_weight_decay", "500"], "--adamw_learning_rate 0.003 x --adamw_weight_decay 500"),
+        (["--label_smoothing_factor", "1.5"], "--label_smoothing_factor must be in [0, 1), got 1.5"),
+    ],
+)
+def test_pretrain_refuses_nonsense_settings_before_writing(tmp_path, capsys, flags, fragment):
+    out = tmp_path / "run"
+    assert main(["pretrain", "--preset", "tiny", "--max_steps", "2", "--output_dir", str(out), *flags]) == 2
+    assert_one_error_line(capsys.readouterr().err, "pretrain", fragment)
+    assert not out.exists()

@@ -201,3 +201,19 @@ def test_token_nll_is_float32_cross_entropy(model):
     result = perplexity_of_ids(model, ids, max_length=30, stride=30)
     logits = model(ids[None]).logits[0, :-1]
     assert result["loss"] == pytest.approx(F.cross_entropy(logits.float(), ids[1:]).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [(["--max-length", "1024"], "exceeds the model's max_position_embeddings"), (["--batch_size", "0"], "at least 1")],
+)
+def test_cli_evaluate_refuses_nonsense_before_writing(tmp_path, model, tokenizer, capsys, flags, fragment):
+    """A window past the trained positions would score silently (it used to, with a warning); 0 windows per forward
+    pass would crash deep inside. Both: one line, exit 2, no eval_results.json."""
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    assert cli_main(["evaluate", str(model_dir), "--max-tokens", "200", *flags]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("hf-lowrank evaluate: error: ") and fragment in error and error.count("\n") == 1
+    assert not (model_dir / "eval_results.json").exists()

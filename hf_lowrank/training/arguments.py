@@ -305,6 +305,8 @@ class PretrainingArguments(TrainingArguments):
         # NaN would silently turn clipping off (the Trainer clips only when max_grad_norm > 0).
         for name in ("max_grad_norm", "weight_decay", "warmup_steps"):
             check_number(name, getattr(self, name))
+        if not 0 <= self.label_smoothing_factor < 1:  # 1 would train towards the uniform distribution; > 1 is no loss
+            raise ValueError(f"--label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}.")
         super().__post_init__()
         check_optimizer_flags(self)
 
@@ -353,3 +355,18 @@ def resolve_learning_rate(training_args: TrainingArguments, optimizer_args: Opti
         optimizer_args.adamw_learning_rate = (
             training_args.learning_rate if optimizer_args.optimizer == "adamw" else DEFAULT_LEARNING_RATES["adamw"]
         )
+    # Decoupled weight decay multiplies each weight by (1 - lr * decay) every step: at lr * decay >= 1 it zeroes or
+    # flips every weight (seen: --weight_decay 1e6 trained to NaN and saved weights up to 1.4e12).
+    decays = [("--learning_rate", training_args.learning_rate, "--weight_decay", training_args.weight_decay)]
+    if optimizer_args.optimizer != "adamw":
+        decays.append(
+            ("--adamw_learning_rate", optimizer_args.adamw_learning_rate, "--adamw_weight_decay",
+             optimizer_args.adamw_weight_decay)
+        )  # fmt: skip
+    for lr_flag, lr, decay_flag, decay in decays:
+        if lr * decay >= 1:
+            raise ValueError(
+                f"{lr_flag} {lr:g} x {decay_flag} {decay:g} = {lr * decay:g} >= 1: decoupled weight decay would "
+                f"multiply every weight by {1 - lr * decay:g} each step. Use {decay_flag} below {1 / lr:g} "
+                "(typical: 0-0.1)."
+            )
