@@ -10,11 +10,18 @@ It binds 127.0.0.1 on a free port, keeps repositories, branches and commits in m
     POST /api/models/{ns}/{name}/branch/{branch}            create a branch (409 when it exists)
     GET  /api/models/{ns}/{name}/refs                       branches
     GET  /api/models/{ns}/{name}[/revision/{rev}]           repo info (sha, siblings)
+    GET  /api/models/{ns}/{name}/tree/{rev}[/{path}]        files and folders (what `list_repo_files` reads)
     GET|HEAD /{ns}/{name}/resolve/{rev}/{path}              file download (what `hf_hub_download` asks for)
 
 `FakeHub.fail_commits = True` makes the commit endpoint answer HTTP 500 without touching any branch, to test that a
 failed upload leaves the repository unchanged. `FakeHub.write_cache` lays a branch out as the Hub client's cache
 (`models--ns--name/{blobs,refs,snapshots}`) so `from_pretrained("ns/name")` resolves it with `HF_HUB_OFFLINE=1`.
+
+A failing world: ``FakeHub.faults[ENDPOINT] = STALL`` makes that endpoint (a name of `ENDPOINTS`, or ``"*"`` for all)
+read the request and never answer (until the hub stops, at most `STALL_LIMIT_S`); ``= STATUS`` (an int) answers
+an HTML page with that HTTP status, as a proxy, a captive portal or a failing load balancer does. Nothing is
+applied to any repository then. The server stops itself after ``lifetime_s`` (default 10 minutes) if no one stops
+it, so a test that hangs never leaves it running.
 """
 
 import base64
@@ -23,15 +30,23 @@ import json
 import re
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
+from huggingface_hub import constants
 
 _YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+
+# What `FakeHub.faults` may name: one per REST endpoint above.
+ENDPOINTS = ("create", "validate-yaml", "info", "refs", "tree", "preupload", "commit", "branch", "resolve")
+STALL = "stall"
+STALL_LIMIT_S = 60.0  # a stalled request is dropped after this, unanswered, if the hub is not stopped first
 
 
 def git_blob_sha(data: bytes) -> str:
@@ -77,13 +92,17 @@ class HubError(Exception):
 class FakeHub:
     """Start with ``with FakeHub() as hub:`` (or ``start()``/``stop()``); ``hub.url`` is the endpoint."""
 
-    def __init__(self):
+    def __init__(self, lifetime_s: float = 600.0):
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.fail_commits = False
+        self.faults: dict[str, str | int] = {}  # endpoint (or "*") -> STALL or an HTTP status answered with HTML
+        self.lifetime_s = lifetime_s
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._timer: threading.Timer | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -103,9 +122,16 @@ class FakeHub:
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
         )
         self._thread.start()
+        self._stopped.clear()
+        self._timer = threading.Timer(self.lifetime_s, self.stop)
+        self._timer.daemon = True
+        self._timer.start()
         return self
 
     def stop(self) -> None:
+        self._stopped.set()  # stalled requests return (unanswered) at once
+        if self._timer is not None and self._timer is not threading.current_thread():
+            self._timer.cancel()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -147,11 +173,38 @@ class FakeHub:
         return snapshot
 
     # ------------------------------------------------------------------ endpoints
+    @staticmethod
+    def endpoint(path: str) -> str | None:
+        """The name in `ENDPOINTS` of the endpoint ``path`` asks for (None for an unknown path)."""
+        parts = path.strip("/").split("/")
+        if parts == ["api", "repos", "create"]:
+            return "create"
+        if parts == ["api", "validate-yaml"]:
+            return "validate-yaml"
+        if len(parts) >= 4 and parts[:2] == ["api", "models"]:
+            action = parts[4] if len(parts) > 4 else "info"
+            return "info" if action == "revision" else action if action in ENDPOINTS else None
+        return "resolve" if len(parts) >= 5 and parts[2] == "resolve" else None
+
+    def fault(self, path: str) -> str | int | None:
+        """What the fault injected for ``path``'s endpoint is (`STALL`, an HTTP status), or None."""
+        return self.faults.get(self.endpoint(path) or "", self.faults.get("*"))
+
+    def stall(self, method: str, path: str) -> None:
+        """Hold a request unanswered until the hub stops (at most `STALL_LIMIT_S`)."""
+        with self._lock:
+            self.requests.append((method, path))
+        self._stopped.wait(STALL_LIMIT_S)
+
     def handle(self, method: str, path: str, query: dict, headers, body: bytes):
         """Returns (status, json-able payload or bytes, extra headers)."""
         parts = [unquote(p) for p in path.strip("/").split("/")]
         with self._lock:
             self.requests.append((method, path))
+            if isinstance(self.fault(path), int):
+                status = self.fault(path)
+                page = f"<!DOCTYPE html><html><head><title>{status}</title></head><body>Gateway</body></html>"
+                return status, page.encode(), {"Content-Type": "text/html; charset=utf-8"}
             if method == "POST" and parts == ["api", "repos", "create"]:
                 return self._create_repo(headers, json.loads(body or b"{}"))
             if method == "POST" and parts == ["api", "validate-yaml"]:
@@ -165,6 +218,8 @@ class FakeHub:
                     return self._info(repo, "/".join(rest))
                 if method == "GET" and action == "refs":
                     return self._refs(repo)
+                if method == "GET" and action == "tree" and rest:
+                    return self._tree(repo, rest[0], "/".join(rest[1:]), query.get("recursive") == ["true"])
                 if method == "POST" and action in ("preupload", "commit", "branch") and rest:
                     self._require_token(headers)
                     target = "/".join(rest)
@@ -230,6 +285,22 @@ class FakeHub:
         branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": oid} for b, oid in repo.branches.items()]
         return 200, {"branches": branches, "tags": [], "converts": []}, {}
 
+    def _tree(self, repo: Repo, revision: str, folder: str, recursive: bool):
+        files = self._commit_at(repo, revision).files
+        prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+        entries = {}
+        for path, data in sorted(files.items()):
+            if not path.startswith(prefix):
+                continue
+            parts = path[len(prefix) :].split("/")
+            for depth in range(1, len(parts)):  # the folders on the way to the file
+                name = prefix + "/".join(parts[:depth])
+                if recursive or depth == 1:
+                    entries[name] = {"type": "directory", "path": name, "oid": git_blob_sha(name.encode()), "size": 0}
+            if recursive or len(parts) == 1:
+                entries[path] = {"type": "file", "path": path, "oid": git_blob_sha(data), "size": len(data)}
+        return 200, list(entries.values()), {}
+
     def _preupload(self, repo: Repo, revision: str, payload: dict):
         existing = self._commit_at(repo, revision).files
         files = [
@@ -293,12 +364,27 @@ class FakeHub:
         return 200, data, {"X-Repo-Commit": commit.oid, "ETag": f'"{git_blob_sha(data)}"'}
 
 
+@contextmanager
+def online_hub(monkeypatch, **kwargs) -> Iterator[FakeHub]:
+    """A running `FakeHub` with the Hub client pointed at it, online and with a token; stopped on exit."""
+    with FakeHub(**kwargs) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read once, when huggingface_hub is imported
+        monkeypatch.setenv("HF_TOKEN", "dummy")
+        yield hub
+
+
 class _Handler(BaseHTTPRequestHandler):
     fake_hub: FakeHub
 
     def _serve(self, method: str) -> None:
         split = urlsplit(self.path)
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.fake_hub.fault(split.path) == STALL:
+            self.fake_hub.stall(method, split.path)
+            self.close_connection = True
+            return
         try:
             status, payload, headers = self.fake_hub.handle(
                 method, split.path, parse_qs(split.query), self.headers, body
@@ -312,7 +398,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload, headers = 500, {"error": f"FakeHub crashed: {error!r}"}, {}
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header(
+        headers.setdefault(
             "Content-Type", "application/octet-stream" if isinstance(payload, bytes) else "application/json"
         )
         self.send_header("Content-Length", str(len(data)))

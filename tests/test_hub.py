@@ -23,7 +23,7 @@ from hf_lowrank.hub import PushError, push_to_hub
 
 sys.path.insert(0, str(Path(__file__).parent))
 from blocked_package import BLOCK_HF_LOWRANK, run_without_package  # noqa: E402
-from hub_server import FakeHub  # noqa: E402
+from hub_server import online_hub  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 REPO = "org/name"
@@ -89,11 +89,7 @@ def model_folder(saved, tmp_path, records: bool = False, **summary_overrides) ->
 @pytest.fixture
 def hub(monkeypatch):
     """The fake Hub, with the client pointed at it, online, with a token; stopped at teardown."""
-    with FakeHub() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read once, when huggingface_hub is imported
-        monkeypatch.setenv("HF_TOKEN", "dummy")
+    with online_hub(monkeypatch) as server:
         yield server
 
 
