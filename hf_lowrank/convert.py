@@ -291,7 +291,20 @@ def load_model(source: str | Path, expect: str) -> PreTrainedModel:
     if config.model_type != expect:
         wanted = {"llama": "a Llama model", "lowrank_llama": "a low-rank model (model_type 'lowrank_llama')"}
         raise ValueError(f"{str(source)!r} is not {wanted[expect]}: its config has model_type {config.model_type!r}.")
-    return AutoModelForCausalLM.from_pretrained(source, config=config).eval()
+    # Loaded leniently and then checked: from_pretrained only warns about missing tensors (drawn at random, so a
+    # converted model would be silently wrong) and reports a mismatched shape without naming it in its error.
+    model, info = AutoModelForCausalLM.from_pretrained(
+        source, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    broken = {"missing": info.get("missing_keys"), "mismatched": info.get("mismatched_keys")}
+    broken = {kind: sorted(map(str, keys)) for kind, keys in broken.items() if keys}
+    if broken:
+        raise ValueError(
+            f"The weights of {str(source)!r} do not fit its config.json: "
+            + "; ".join(f"{kind} tensors {keys[:5]}{' ...' if len(keys) > 5 else ''}" for kind, keys in broken.items())
+            + ". Nothing was converted; restore the complete weights."
+        )
+    return model.eval()
 
 
 def load_tokenizer(source: str | Path):

@@ -252,3 +252,26 @@ def test_cli_to_dense_loads_with_plain_transformers(tmp_path, tokenizer):
     assert payload["class"] == "transformers.models.llama.modeling_llama.LlamaForCausalLM"
     torch.testing.assert_close(torch.tensor(payload["logits"]), lowrank(ids).logits, atol=1e-5, rtol=0)
     assert payload["encoded"] == tokenizer("def add")["input_ids"]
+
+
+@pytest.mark.parametrize("damage", ["missing", "misshaped"])
+def test_cli_to_dense_refuses_weights_that_do_not_fit_their_config(tmp_path, capsys, damage):
+    """A folder missing one tensor was converted with exit 0 into a dense model with a random q_proj (from_pretrained
+    only warns); a mis-shaped one gave a traceback. Both: exit 2, one line naming the tensor, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    source_dir, destination = tmp_path / "lowrank", tmp_path / "dense"
+    LowRankLlamaForCausalLM(preset_config("tiny", vocab_size=VOCAB)).save_pretrained(source_dir)
+    tensors = load_file(source_dir / "model.safetensors")
+    name = "model.layers.1.self_attn.q_proj.up.weight"
+    if damage == "missing":
+        del tensors[name]
+    else:
+        tensors[name] = tensors[name][:, :-1].contiguous()
+    save_file(tensors, source_dir / "model.safetensors", metadata={"format": "pt"})
+    assert cli_main(["convert", "--to-dense", str(source_dir), str(destination)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("hf-lowrank convert: error: ") and error.count("\n") == 1, error[-2000:]
+    assert "do not fit its config.json" in error and "q_proj" in error
+    assert not destination.exists()
