@@ -20,6 +20,7 @@ from transformers.initialization import no_init_weights
 from .cli_support import CommandParser
 from .configuration_lowrank import LOWRANK_PROJECTIONS, LowRankLlamaConfig
 from .files import TOKENIZER_FILES, write_text_atomic
+from .loading import load_causal_lm
 from .modeling_lowrank import LowRankLinear, LowRankLlamaForCausalLM
 
 REPORT_NAME = "conversion_report.json"
@@ -278,8 +279,9 @@ def format_report(report: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- loading
 def load_model(source: str | Path, expect: str) -> PreTrainedModel:
-    """``from_pretrained`` a local folder or Hub id after checking its config's model_type is ``expect``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """``from_pretrained`` a local folder or Hub id after checking its config's model_type is ``expect``; only
+    safetensors weights that fit the config are read (`load_causal_lm`)."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source)
@@ -291,20 +293,7 @@ def load_model(source: str | Path, expect: str) -> PreTrainedModel:
     if config.model_type != expect:
         wanted = {"llama": "a Llama model", "lowrank_llama": "a low-rank model (model_type 'lowrank_llama')"}
         raise ValueError(f"{str(source)!r} is not {wanted[expect]}: its config has model_type {config.model_type!r}.")
-    # Loaded leniently and then checked: from_pretrained only warns about missing tensors (drawn at random, so a
-    # converted model would be silently wrong) and reports a mismatched shape without naming it in its error.
-    model, info = AutoModelForCausalLM.from_pretrained(
-        source, config=config, output_loading_info=True, ignore_mismatched_sizes=True
-    )
-    broken = {"missing": info.get("missing_keys"), "mismatched": info.get("mismatched_keys")}
-    broken = {kind: sorted(map(str, keys)) for kind, keys in broken.items() if keys}
-    if broken:
-        raise ValueError(
-            f"The weights of {str(source)!r} do not fit its config.json: "
-            + "; ".join(f"{kind} tensors {keys[:5]}{' ...' if len(keys) > 5 else ''}" for kind, keys in broken.items())
-            + ". Nothing was converted; restore the complete weights."
-        )
-    return model.eval()
+    return load_causal_lm(source, config=config).eval()
 
 
 def load_tokenizer(source: str | Path):

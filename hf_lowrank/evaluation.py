@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .cli_support import CommandParser
 from .files import EVAL_RESULTS_NAME, write_text_atomic
+from .loading import load_causal_lm
 
 METRIC_PATH = Path(__file__).parent / "metrics" / "perplexity.py"
 DEFAULT_BATCH_SIZE = 8
@@ -260,31 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_weights_loaded(model_name: str, loading: dict) -> None:
-    """Refuse a model whose weights do not fit its config: `from_pretrained` would leave the missing tensors randomly
-    initialised (with only a log line) and the perplexity would be that of a random model."""
-    missing, unexpected = sorted(loading.get("missing_keys", ())), sorted(loading.get("unexpected_keys", ()))
-    mismatched = sorted(str(entry[0]) for entry in loading.get("mismatched_keys", ()))
-    if missing or unexpected or mismatched:
-        parts = [
-            f"{len(keys)} {what} (e.g. {keys[0]})"
-            for keys, what in (
-                (missing, "model tensors missing from the weights, which would be random"),
-                (unexpected, "tensors in the weights that the model does not have"),
-                (mismatched, "tensors of the wrong shape"),
-            )
-            if keys
-        ]
-        raise ValueError(
-            f"The weights in {model_name!r} do not fit its config: {'; '.join(parts)}. Nothing was evaluated. Check "
-            "that config.json and the weights come from the same model (convert Llama weights with "
-            "`hf-lowrank convert --from_dense`)."
-        )
-
-
 def main(argv: list[str] | None = None) -> int:
     """`hf-lowrank evaluate`; a bad argument or input raises `ValueError` (reported by `hf_lowrank.cli.main`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     import hf_lowrank  # noqa: F401  (registers the low-rank model with the Auto classes)
 
@@ -299,15 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(
-            args.model, trust_remote_code=args.trust_remote_code, output_loading_info=True
-        )
+        model = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(
             args.tokenizer_name or args.model, trust_remote_code=args.trust_remote_code
         )
     except OSError as error:
         raise ValueError(f"Cannot load the model or tokenizer from {args.model!r}: {error}") from None
-    check_weights_loaded(args.model, loading)
     model.to(device)
     result = evaluate_perplexity(
         model, tokenizer, texts, args.max_length, args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens

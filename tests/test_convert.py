@@ -273,5 +273,31 @@ def test_cli_to_dense_refuses_weights_that_do_not_fit_their_config(tmp_path, cap
     assert cli_main(["convert", "--to-dense", str(source_dir), str(destination)]) == 2
     error = capsys.readouterr().err
     assert error.startswith("hf-lowrank convert: error: ") and error.count("\n") == 1, error[-2000:]
-    assert "do not fit its config.json" in error and "q_proj" in error
+    assert "do not fit its config" in error and "q_proj" in error
     assert not destination.exists()
+
+
+@pytest.mark.parametrize("command", ["convert", "evaluate"])
+def test_pickled_weights_are_refused_unopened_in_one_line(tmp_path, capsys, command):
+    """A folder whose weights are a pickle (`pytorch_model.bin` carrying a payload): refused before it is opened, in
+    one line that never suggests `weights_only=False` (which would run the payload); the payload never runs."""
+    import os
+
+    torch.manual_seed(0)
+    source = tmp_path / "lowrank"
+    LowRankLlamaForCausalLM(preset_config("tiny", vocab_size=VOCAB)).save_pretrained(source)
+    os.remove(source / "model.safetensors")
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model.embed_tokens.weight": Payload()}, source / "pytorch_model.bin")
+    argv = ["convert", "--to-dense", str(source), str(tmp_path / "dense")] if command == "convert" else [
+        "evaluate", str(source), "--max-tokens", "100"]  # fmt: skip
+    assert cli_main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"hf-lowrank {command}: error: ") and error.count("\n") == 1, error[-2000:]
+    assert "pytorch_model.bin" in error and "weights_only=False" not in error and "Traceback" not in error
+    assert not marker.exists() and not (tmp_path / "dense").exists()
