@@ -195,3 +195,25 @@ def test_bad_arguments_are_clear_errors(tmp_path, argv, message):
 
 def test_package_exports_training_free_api():
     assert {"Spectron", "build_optimizer"} <= set(hf_lowrank.__all__)
+
+
+def test_eval_max_batches_means_batches_on_every_process(tmp_path):
+    """`--eval_max_batches 1` under 2 processes took one batch of blocks for both, so each rank had half a batch and
+    the data check refused it with advice that could not be followed; now every rank gets its batch."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    from hf_lowrank.training.pretrain import periodic_eval_split
+
+    blocks = Dataset.from_dict({"input_ids": [[i] * 4 for i in range(40)]})
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, use_cpu=True, report_to="none")
+    assert args.world_size == 1 and len(periodic_eval_split(blocks, 2, args)) == 8
+    assert periodic_eval_split(blocks, None, args) is blocks
+
+    class TwoRanks:  # what TrainingArguments reports under `torchrun --nproc_per_node 2`
+        per_device_eval_batch_size, world_size = 4, 2
+
+    assert len(periodic_eval_split(blocks, 1, TwoRanks())) == 8  # one full batch of 4 on each of the 2 ranks
+    assert len(periodic_eval_split(blocks, 9, TwoRanks())) == 40  # never more than there is
+    stream = blocks.to_iterable_dataset()
+    assert len(list(periodic_eval_split(stream, 1, TwoRanks()))) == 8

@@ -169,10 +169,7 @@ def _train_and_save(model_args, data_args, optimizer_args, run_args, training_ar
 
     use_cache = model.config.use_cache  # before the Trainer overwrites it
     preemption = PreemptionCallback()
-    periodic_eval = eval_dataset
-    if run_args.eval_max_batches is not None:
-        n = run_args.eval_max_batches * training_args.per_device_eval_batch_size
-        periodic_eval = eval_dataset.take(n) if streaming else eval_dataset.select(range(min(len(eval_dataset), n)))
+    periodic_eval = periodic_eval_split(eval_dataset, run_args.eval_max_batches, training_args)
     trainer = build_trainer(
         model,
         training_args,
@@ -236,6 +233,19 @@ def _train_and_save(model_args, data_args, optimizer_args, run_args, training_ar
         plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
         mark_complete(output_dir, trainer.state.global_step, training_args)  # last: every output file is written
     return metrics
+
+
+def periodic_eval_split(eval_dataset, max_batches: int | None, training_args):
+    """The validation blocks the periodic evaluations score: ``max_batches`` batches on *every* process (so
+    ``max_batches × per_device_eval_batch_size × world_size`` blocks), or all of them when ``max_batches`` is None.
+    Taking only ``max_batches × per_device_eval_batch_size`` left each of several processes a fraction of one batch,
+    which the data check refused with advice that could not be followed."""
+    if max_batches is None:
+        return eval_dataset
+    n = max_batches * training_args.per_device_eval_batch_size * training_args.world_size
+    if isinstance(eval_dataset, IterableDataset):
+        return eval_dataset.take(n)
+    return eval_dataset.select(range(min(len(eval_dataset), n)))
 
 
 def _prepare_data(model_args, data_args, training_args, config):
