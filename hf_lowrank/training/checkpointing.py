@@ -5,7 +5,7 @@ every file and the folder, renames it to ``checkpoint-N``, fsyncs the parent, an
 ``checkpoint_manifest.json`` (the size and sha256 of every file), itself atomically. A checkpoint is
 *complete* when its manifest exists and every listed file has the listed size and hash. Resume picks the
 newest complete checkpoint; an incomplete or torn one is skipped with a warning naming the bad file, and
-rotation never deletes the newest complete checkpoint.
+rotation never deletes the newest checkpoint that verifies nor counts one that does not (R28).
 
 Everything in a checkpoint other than the weights (safetensors) is loaded with ``torch.load(weights_only=True)``
 or is JSON. ``training_args.bin``, which transformers pickles, is never loaded.
@@ -123,6 +123,9 @@ def commit_checkpoint(staging: str | os.PathLike, final: str | os.PathLike) -> N
     crash_point("rename")
     write_manifest(final)
     crash_point("manifest")
+    # The manifest was just hashed from these very files: rotation, resume and the exit messages need not hash them
+    # again to know they verify.
+    _verified[_key(final)] = _signature(final)
     if replaced is not None:
         shutil.rmtree(replaced)
 
@@ -175,23 +178,36 @@ def remove_leftovers(run_dir: str | os.PathLike) -> None:
 
 
 def rotate_checkpoints(run_dir: str | os.PathLike, save_total_limit: int | None, keep: set[str] = frozenset()) -> None:
-    """Keep the newest ``save_total_limit`` *complete* checkpoints (plus those in ``keep``, e.g. the best one).
+    """Keep the newest ``save_total_limit`` checkpoints that *verify* (plus those in ``keep``: the best one, the one
+    a stopping run just saved) and delete the older ones (R28).
 
-    Incomplete checkpoints older than the newest complete one are garbage of interrupted saves and are deleted;
-    newer incomplete ones are left alone (never picked for resume, replaced when that step is saved again).
-    The newest complete checkpoint is never deleted.
+    Candidates are verified newest first, and only until ``save_total_limit`` have passed; a checkpoint this process
+    saved, or verified before and unchanged since, is not hashed again, so rotation hashes each older checkpoint at
+    most once per process and the ones this process saved not at all. One that fails (no manifest, torn, corrupted)
+    does not count toward the limit. Every checkpoint older than the newest one that verifies and not kept is
+    deleted, failed or not: resume always prefers that newer one. Failed checkpoints *newer* than it are left alone:
+    resume never picks them, the run replaces each when it saves that step again, and until then they are there to
+    be inspected. When none verifies, nothing is deleted.
     """
     if not save_total_limit or save_total_limit <= 0:
         return
     checkpoints = list_checkpoints(run_dir)
-    complete = [p for p in checkpoints if is_complete(p)]
-    if not complete:
+    kept: list[Path] = []  # verified, newest first
+    for checkpoint in reversed(checkpoints):
+        if len(kept) == save_total_limit:
+            break
+        try:
+            verify_checkpoint(checkpoint)
+        except CheckpointError as error:
+            logger.warning("Not counting %s toward save_total_limit=%d: %s", checkpoint, save_total_limit, error)
+            continue
+        kept.append(checkpoint)
+    if not kept:
         return
-    newest = complete[-1]
-    protected = {str(p) for p in complete[-save_total_limit:]} | {str(Path(k)) for k in keep} | {str(newest)}
-    doomed = [p for p in complete if str(p) not in protected]
-    doomed += [p for p in checkpoints if not is_complete(p) and checkpoint_step(p) < checkpoint_step(newest)]
-    for i, path in enumerate(sorted(doomed, key=checkpoint_step)):
+    newest = checkpoint_step(kept[0])
+    protected = {_key(p) for p in kept} | {_key(k) for k in keep}
+    doomed = [p for p in checkpoints if checkpoint_step(p) < newest and _key(p) not in protected]
+    for i, path in enumerate(doomed):
         logger.info("Deleting older checkpoint %s (save_total_limit=%d).", path, save_total_limit)
         _remove_tree(path)
         if i == 0:
@@ -199,17 +215,23 @@ def rotate_checkpoints(run_dir: str | os.PathLike, save_total_limit: int | None,
 
 
 # ---------------------------------------------------------------------------------------------- verify
-_verified: dict[str, tuple] = {}  # path -> file signature at its last successful verification
+_verified: dict[str, tuple] = {}  # _key(path) -> file signature when its files last matched its manifest
+
+
+def _key(checkpoint: str | os.PathLike) -> str:
+    return os.path.abspath(checkpoint)
 
 
 def _signature(checkpoint: Path) -> tuple:
-    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in _files(checkpoint))
+    return tuple((str(p.relative_to(checkpoint)), p.stat().st_size, p.stat().st_mtime_ns) for p in _files(checkpoint))
 
 
 def verify_checkpoint(checkpoint: str | os.PathLike) -> None:
-    """Raise :class:`CheckpointError` naming the file unless every file in the manifest has its size and hash.
+    """Raise :class:`CheckpointError` naming the file unless every file in the manifest has its size and hash and
+    the small state files load (:func:`check_state_files`).
 
-    A checkpoint whose files have not changed since it last passed is not hashed again.
+    A checkpoint whose files have not changed (names, sizes, modification times) since they last matched the
+    manifest, in a check or in this process's save, is not hashed again.
     """
     checkpoint = Path(checkpoint)
     manifest_path = checkpoint / MANIFEST_NAME
@@ -218,8 +240,13 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> None:
             f"Checkpoint {checkpoint} is incomplete: it has no {MANIFEST_NAME} (its save was interrupted)."
         )
     signature = _signature(checkpoint)
-    if _verified.get(str(checkpoint)) == signature:
-        return
+    if _verified.get(_key(checkpoint)) != signature:
+        _check_hashes(checkpoint, manifest_path)
+        _verified[_key(checkpoint)] = signature
+    check_state_files(checkpoint)
+
+
+def _check_hashes(checkpoint: Path, manifest_path: Path) -> None:
     files = _read_manifest(manifest_path)
     for name, expected in files.items():
         path = checkpoint / name
@@ -233,8 +260,6 @@ def verify_checkpoint(checkpoint: str | os.PathLike) -> None:
             )
         if sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{path} does not match its sha256 in {manifest_path} (corrupted or tampered with).")
-    check_state_files(checkpoint)
-    _verified[str(checkpoint)] = signature
 
 
 def _read_manifest(manifest_path: Path) -> dict:
@@ -370,6 +395,16 @@ def load_state_file(path: str | os.PathLike, map_location="cpu"):
         raise CheckpointError(f"Could not load {path} (truncated or corrupted?): {error}") from error
 
 
+def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor of the safetensors file ``path``, read from its header (no data is read); a
+    file whose header cannot be read, or does not cover the file, is a :class:`CheckpointError` naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"Could not read {path} (truncated or corrupted?): {error}") from error
+
+
 def check_weights_fit(checkpoint: str | os.PathLike, model: torch.nn.Module) -> None:
     """Refuse, before any weight is loaded, a checkpoint saved for a model of another shape.
 
@@ -387,14 +422,7 @@ def check_weights_fit(checkpoint: str | os.PathLike, model: torch.nn.Module) -> 
                 "loaded (pickle can run code). Convert the weights to safetensors."
             )
         return
-    saved: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():
-                    saved[key] = tuple(handle.get_slice(key).get_shape())
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"Could not read {path} (truncated or corrupted?): {error}") from error
+    saved = {key: shape for path in files for key, shape in tensor_shapes(path).items()}
     state = model.state_dict()
     expected = {key: tuple(value.shape) for key, value in state.items()}
     sharing: dict[int, list[str]] = {}  # storage -> the keys that view it (tied weights)

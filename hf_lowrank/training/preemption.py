@@ -13,10 +13,13 @@ flags with one all-reduce at every step end (issued by every rank, R17), so all 
 import logging
 import signal
 import threading
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+
+from .checkpointing import CheckpointError, latest_complete_checkpoint, verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +28,34 @@ PREEMPTED_EXIT_CODE = 143
 
 
 class TrainingPreempted(Exception):
-    """Training stopped on SIGTERM after saving a complete checkpoint; re-running the command resumes it."""
+    """Training stopped on SIGTERM after saving a checkpoint; ``message`` (`preemption_message`) says which checkpoint
+    to resume from."""
 
-    def __init__(self, output_dir, step: int):
+    def __init__(self, output_dir, step: int, message: str):
         self.output_dir, self.step = output_dir, step
-        super().__init__(
-            f"Stopped by SIGTERM at step {step}: {output_dir}/checkpoint-{step} is complete. Re-run the same command "
-            "to resume from it."
-        )
+        super().__init__(message)
+
+
+def preemption_message(output_dir, step: int, explicit_resume: bool = False) -> str:
+    """What a run stopped by SIGTERM at ``step`` tells its user: the checkpoint to resume from, named only if it exists
+    and verifies (R28). That is the one saved at ``step`` (rotation never deletes it), else the newest complete one.
+    The advice is "re-run the same command" only when that command resumes from it; after a run started with
+    ``--resume_from_checkpoint`` (``explicit_resume``: the same command would go back there), or when a newer complete
+    checkpoint exists (which a plain re-run would pick), it names the ``--resume_from_checkpoint`` to pass."""
+    saved = Path(output_dir) / f"checkpoint-{step}"
+    newest = latest_complete_checkpoint(output_dir)  # warns about (and names) every newer one that fails
+    try:
+        verify_checkpoint(saved)  # hashed at its save, so only its file sizes and times are read here
+    except CheckpointError as error:
+        text = f"Stopped by SIGTERM at step {step}, but its checkpoint cannot be resumed from ({error})."
+        if newest is None:
+            return f"{text} No complete checkpoint is left in {output_dir}: a re-run starts from step 0."
+        target, text = newest, f"{text} The newest complete checkpoint is {newest}."
+    else:
+        target, text = str(saved), f"Stopped by SIGTERM at step {step}: {saved} is complete."
+    if target == newest and not explicit_resume:
+        return f"{text} Re-run the same command to resume from it."
+    return f"{text} Re-run with --resume_from_checkpoint {target} to resume from it."
 
 
 class PreemptionCallback(TrainerCallback):

@@ -30,8 +30,8 @@ from .data import (
 )
 from .distributed import check_launch
 from .plots import plot_training_curves
-from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, TrainingPreempted
-from .run_dir import mark_complete, open_run_dir
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, TrainingPreempted, preemption_message
+from .run_dir import already_complete_message, mark_complete, on_main_process, open_run_dir
 from .summary import (
     completed_metrics,
     final_metrics,
@@ -186,7 +186,10 @@ def _train_and_save(model_args, data_args, optimizer_args, run_args, training_ar
     trainer.data_world = data_world(data_args, block_size, training_args.data_seed)
     train_result = trainer.train(resume_from_checkpoint=resume)
     if preemption.stop_requested(training_args):  # SIGTERM: checkpoint saved at the step it stopped (R24)
-        raise TrainingPreempted(output_dir, trainer.state.global_step)
+        step, explicit = trainer.state.global_step, training_args.resume_from_checkpoint is not None
+        # Names only a checkpoint that verifies (R28); checked once, by the main process, and told to every rank.
+        message = on_main_process(lambda: preemption_message(output_dir, step, explicit))
+        raise TrainingPreempted(output_dir, step, message)
     train_seconds = time.time() - started
     model.config.use_cache = use_cache  # the Trainer set it to TrainingArguments.use_cache (False)
     trainer.save_model(str(output_dir))  # model (safetensors) + tokenizer + self-contained code
@@ -297,11 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     training_args = args[-1]
     if metrics.get("already_complete"):
         if training_args.process_index == 0:
-            step = metrics["already_complete"]["global_step"]
-            print(
-                f"\nThe run in {training_args.output_dir} is complete (step {step}); nothing was changed. To train "
-                "further, raise --max_steps; to start over, use a new --output_dir."
-            )
+            print(f"\n{already_complete_message(training_args.output_dir, metrics['already_complete'])}")
         return 0
     if training_args.process_index == 0:
         out = training_args.output_dir

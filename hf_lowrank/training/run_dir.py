@@ -197,6 +197,14 @@ def mark_complete(output_dir: str | os.PathLike, global_step: int, training_args
     )
 
 
+def already_complete_message(output_dir: str | os.PathLike, record: dict) -> str:
+    """What every command prints when re-running it finds its run complete (``record``: `completed_run`'s)."""
+    return (
+        f"The run in {output_dir} is complete (step {record['global_step']}); nothing was changed. To train further, "
+        "raise --max_steps; to start over, use a new --output_dir."
+    )
+
+
 def completed_run(output_dir: str | os.PathLike, training_args) -> dict | None:
     """The completion record of the run in ``output_dir`` if it already reached the target of ``training_args``
     (``--max_steps``, or the same number of epochs when ``--max_steps`` is not set), else None: a run that was

@@ -472,8 +472,8 @@ class LowRankTrainer(Trainer):
         file list and order), fsynced and renamed to ``checkpoint-N``, and a manifest written last marks it
         complete (R1). Added on top: a refusal to save NaN/inf weights (R22), a disk-full error that removes the
         partial save and names the intact checkpoint, the guard's state (`EXTRA_STATE_NAME`), and a rotation that
-        counts only complete checkpoints. The body cannot call the original: its target folder is fixed inside
-        it. Re-check it against upstream when upgrading Transformers."""
+        counts only checkpoints that verify and keeps the one saved as the run stops (R28). The body cannot call the
+        original: its target folder is fixed inside it. Re-check it against upstream when upgrading Transformers."""
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         run_dir = self._get_output_dir(trial=trial)
@@ -514,6 +514,8 @@ class LowRankTrainer(Trainer):
             self._push_from_checkpoint(final)
         if self.args.should_save:
             keep = {self.state.best_model_checkpoint} if self.state.best_model_checkpoint else set()
+            if self.control.should_training_stop:  # saved as the run stops (SIGTERM, max_steps): never rotated (R28)
+                keep.add(final)
             rotate_checkpoints(run_dir, self.args.save_total_limit, keep=keep)
 
     def _write_checkpoint_files(self, staging: str, run_dir: str) -> None:
