@@ -5,6 +5,7 @@ exception into one line ``hf-lowrank COMMAND: error: ...`` and an exit status (s
 """
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -31,8 +32,9 @@ Run `hf-lowrank COMMAND --help` for the options of a command.
 
 exit status:
   0    success
-  1    the work failed in a way the package detected (e.g. the Hub refused an upload, a training run diverged,
-       the output folder is in use); one line `hf-lowrank COMMAND: error: ...` on stderr
+  1    the work failed in a way the package detected or the world failed it (e.g. the Hub refused an upload, a
+       training run diverged, the output folder is in use, a read-only or full disk); one line
+       `hf-lowrank COMMAND: error: ...` on stderr
   2    a bad argument or input (unknown flag, missing folder, value out of range); the same one line
   143  `pretrain` stopped by SIGTERM after saving a checkpoint; the same command resumes it
 Any other failure is a bug in hf-lowrank and prints a traceback."""
@@ -42,6 +44,12 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryE
 INPUT_ERROR_STATUS = 2
 # This package's own errors for work that failed (PushError, TrainingDivergedError, ...): exit status 1.
 FAILURE_STATUS = 1
+# Faults of the world a command cannot fix (R32): exit status 1 with the cause, one line.
+WORLD_ERRNOS = {
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,11 +87,27 @@ def main(argv: list[str] | None = None) -> int:
         return int(function(args) or 0)
     except INPUT_ERRORS as error:
         return _report(f"hf-lowrank {command}", error, INPUT_ERROR_STATUS)
+    except OSError as error:
+        if error.errno in WORLD_ERRNOS:
+            return _report(f"hf-lowrank {command}", _world_fault(error), FAILURE_STATUS)
+        if error.errno == errno.ENAMETOOLONG:  # a path the user gave: bad input
+            return _report(f"hf-lowrank {command}", error, INPUT_ERROR_STATUS)
+        if type(error).__module__.startswith("hf_lowrank"):
+            return _report(f"hf-lowrank {command}", error, FAILURE_STATUS)
+        raise
     except Exception as error:
         # Decided by module, so that this file imports none of the (heavy) modules that define these errors.
         if type(error).__module__.startswith("hf_lowrank"):
             return _report(f"hf-lowrank {command}", error, FAILURE_STATUS)
         raise
+
+
+def _world_fault(error: OSError) -> str:
+    """The cause and the path of a read-only or full disk: the package's own message where it wrote one (a full disk
+    during a save names the intact checkpoint), else the OS's."""
+    detail = " ".join(str(error.strerror or error).split())
+    where = f": {error.filename}" if error.filename else ""
+    return f"{detail}{where} ({WORLD_ERRNOS[error.errno]}: make room, or point the command at a writable disk)"
 
 
 def _report(prog: str, error, status: int) -> int:

@@ -2,6 +2,8 @@
 accepted), and every failure is one line `hf-lowrank COMMAND: error: ...` with exit status 2 for input the user
 can fix, 1 for a failure the package detected, and a traceback only for a bug."""
 
+import errno
+import os
 import subprocess
 import sys
 
@@ -125,3 +127,27 @@ def test_pretrain_refuses_nonsense_settings_before_writing(tmp_path, capsys, fla
     assert main(["pretrain", "--preset", "tiny", "--max_steps", "2", "--output_dir", str(out), *flags]) == 2
     assert_one_error_line(capsys.readouterr().err, "pretrain", fragment)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "code, status, fragment",
+    [
+        (errno.EROFS, 1, "Read-only file system: /data/run (read-only file system: make room, or point"),
+        (errno.ENOSPC, 1, "No space left on device while saving checkpoint-4; checkpoint-2 is intact"),
+        (errno.ENAMETOOLONG, 2, "File name too long"),
+    ],
+)
+def test_faults_of_the_world_are_one_line_and_status_1(monkeypatch, capsys, code, status, fragment):
+    """A read-only or full disk is a fault of the world (exit 1), a name too long is bad input (exit 2); each was a
+    traceback (the full-disk message, though written for users, came out as a chained traceback)."""
+    import hf_lowrank.presets
+
+    def fail(argv):
+        if code == errno.ENOSPC:  # how the trainer reports a full disk during a save
+            raise OSError(code, "No space left on device while saving checkpoint-4; checkpoint-2 is intact")
+        raise OSError(code, os.strerror(code), "/data/run")
+
+    monkeypatch.setattr(hf_lowrank.presets, "main", fail)
+    assert main(["presets"]) == status
+    error = capsys.readouterr().err
+    assert_one_error_line(error, "presets", fragment)
