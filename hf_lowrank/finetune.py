@@ -17,16 +17,21 @@ A dense projection (`lowrank_modules` leaving it out) is an `nn.Linear` itself a
 A whole factorized projection goes through PEFT's custom-module mapping (`hf_lowrank.peft_integration`); such an
 adapter is reloaded with `hf_lowrank.peft_integration.load_lora`, and `--merge` grows each merged projection's rank
 from r to r + lora_r (exact) and records it in the merged model's `rank_overrides`.
+
+The run is as safe as `hf-lowrank pretrain`'s (R31): its `--output_dir` is locked (R20) and a foreign folder refused
+(R21); checkpoints are saved atomically with a manifest by `LowRankTrainer` (R1), which also skips non-finite steps;
+re-running the command resumes from the newest complete checkpoint, or changes nothing once the run is complete
+(R19); and a checkpoint to resume from is checked (manifest, adapter tensor names and shapes) before it is loaded.
 """
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     Trainer,
     TrainingArguments,
@@ -37,8 +42,16 @@ from transformers import (
 from .cli_support import HfCommandParser
 from .configuration_lowrank import ATTENTION_PROJECTIONS, LOWRANK_FACTOR_NAMES, LOWRANK_PROJECTIONS, MLP_PROJECTIONS
 from .files import write_text_atomic
+from .loading import load_causal_lm
+from .training.arguments import OptimizerArguments
+from .training.checkpointing import latest_complete_checkpoint, resolve_resume_checkpoint, tensor_shapes
+from .training.run_dir import already_complete_message, mark_complete, open_run_dir
+from .training.trainer import LowRankTrainer
 
 logger = logging.getLogger("hf_lowrank.finetune")
+
+RESULTS_NAME = "finetune_results.json"
+ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
 def lora_target_modules(target: str) -> list[str]:
@@ -71,6 +84,13 @@ class FinetuneArguments:
         default=False, metadata={"help": "Also save the merged model (merge_and_unload) in OUT/merged."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Load the model through its remote code."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into an existing non-empty --output_dir that is not a run of this package (its files may "
+            "be overwritten); without it such a folder is refused."
+        },
+    )
 
 
 def _adapt(model, args: FinetuneArguments):
@@ -97,17 +117,76 @@ def _adapt(model, args: FinetuneArguments):
     return get_lowrank_peft_model(model, config)  # whole projections (q_proj) and factors (q_proj.up) alike
 
 
-def run(finetune_args: FinetuneArguments, data_args, training_args: TrainingArguments) -> dict:
-    from .peft_integration import load_lora, merge_and_unload
-    from .training.data import build_datasets
+def check_adapter_fits(checkpoint: str | os.PathLike, model) -> None:
+    """Refuse, before anything is loaded, a checkpoint that is not an adapter of this run: a whole model's checkpoint
+    (a pretraining run's), an adapter file whose header cannot be read (torn), or one whose tensors differ in name or
+    shape from ``model``'s adapter (other targets, rank or base model)."""
+    from peft import get_peft_model_state_dict
 
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / ADAPTER_CONFIG_NAME).is_file() or not (checkpoint / ADAPTER_WEIGHTS_NAME).is_file():
+        raise ValueError(
+            f"{checkpoint} is not a checkpoint of `hf-lowrank finetune` (it has no {ADAPTER_CONFIG_NAME} and "
+            f"{ADAPTER_WEIGHTS_NAME}); resume from one of this fine-tuning run's checkpoint-N folders, or use another "
+            "--output_dir."
+        )
+    saved = tensor_shapes(checkpoint / ADAPTER_WEIGHTS_NAME)  # a torn header is a CheckpointError naming the file
+    expected = {key: tuple(value.shape) for key, value in get_peft_model_state_dict(model).items()}
+    if saved != expected:
+        differ = sorted(k for k in saved.keys() & expected.keys() if saved[k] != expected[k])
+        extra, missing = sorted(saved.keys() - expected.keys()), sorted(expected.keys() - saved.keys())
+        example = (
+            f"{differ[0]}: checkpoint {saved[differ[0]]}, model {expected[differ[0]]}"
+            if differ
+            else f"{(extra or missing)[0]} is {'only in the checkpoint' if extra else 'missing from it'}"
+        )
+        raise ValueError(
+            f"The adapter {checkpoint / ADAPTER_WEIGHTS_NAME} does not fit this run's adapter ({len(differ)} tensors "
+            f"differ in shape, {len(extra)} are not in this run's adapter, {len(missing)} are missing; e.g. {example}). "
+            "Resume with the --model_name_or_path, --lora_target and --lora_r it was trained with, or use another "
+            "--output_dir."
+        )
+
+
+def run(finetune_args: FinetuneArguments, data_args, training_args: TrainingArguments) -> dict:
+    """The whole job; returns the metrics. Checks the inputs, then, with ``--output_dir`` locked, returns the saved
+    metrics of a run that is already complete, or trains (resuming from ``--resume_from_checkpoint``, else from the
+    newest complete checkpoint in ``--output_dir``) and saves."""
     set_seed(training_args.seed)
     out = Path(training_args.output_dir)
     source = finetune_args.model_name_or_path
     if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
         raise FileNotFoundError(f"--model_name_or_path {source}: no such folder.")
+    if (out / "config.json").is_file():
+        raise ValueError(
+            f"--output_dir {out} holds a saved model (config.json): the adapter would be written beside it, and the "
+            "folder would no longer load as that model. Choose another --output_dir."
+        )
+    # As `pretrain` does: an explicit checkpoint is checked now, before any work; otherwise the newest complete one in
+    # the output folder is picked once the folder is locked.
+    resume = None
+    if training_args.resume_from_checkpoint is not None:
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint)
+    with open_run_dir(out, training_args, overwrite=finetune_args.overwrite_output_dir) as completed:
+        if completed is not None:
+            logger.info("The run in %s is complete (step %d): nothing to do.", out, completed["global_step"])
+            return {**json.loads((out / RESULTS_NAME).read_text()), "already_complete": completed}
+        if resume is None:  # incomplete or torn checkpoints are skipped with a warning
+            resume = latest_complete_checkpoint(out)
+            if resume:
+                logger.info("Resuming from the newest complete checkpoint %s", resume)
+        return _train_and_save(finetune_args, data_args, training_args, resume)
+
+
+def _train_and_save(finetune_args: FinetuneArguments, data_args, training_args: TrainingArguments, resume) -> dict:
+    """`run` once the output folder is checked and locked: load, adapt, train, save, and mark the run complete."""
+    from .peft_integration import load_lora, merge_and_unload
+    from .training.data import build_datasets
+
+    out, source = Path(training_args.output_dir), finetune_args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=finetune_args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=finetune_args.trust_remote_code)
+    # Pickled weights are refused unopened; a tensor missing or of another shape than the config's is refused (R31).
+    model = load_causal_lm(source, trust_remote_code=finetune_args.trust_remote_code)
     if data_args.tokenizer_name is None:
         data_args.tokenizer_name = source  # tokenize with the model's own tokenizer, never train a new one
     block_size = data_args.block_size or model.config.max_position_embeddings
@@ -115,17 +194,23 @@ def run(finetune_args: FinetuneArguments, data_args, training_args: TrainingArgu
         _, train_dataset, eval_dataset = build_datasets(data_args, output_dir=None, block_size=block_size)
 
     peft_model = _adapt(model, finetune_args)
+    if resume is not None:
+        check_adapter_fits(resume, peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
-    trainer = Trainer(
+    trainer = LowRankTrainer(
         model=peft_model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=default_data_collator,
         processing_class=tokenizer,
+        # The optimizer a plain Trainer builds from --optim and its flags (the guard skips non-finite steps); the
+        # checkpoints record it as AdamW, Trainer's default.
+        optimizer_cls_and_kwargs=Trainer.get_optimizer_cls_and_kwargs(training_args, peft_model),
+        optimizer_args=OptimizerArguments(optimizer="adamw"),
     )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     metrics = {"train_loss": result.training_loss, "trainable_parameters": trainable, "parameters": total}
     if eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -133,13 +218,12 @@ def run(finetune_args: FinetuneArguments, data_args, training_args: TrainingArgu
         peft_model.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json
         tokenizer.save_pretrained(out)
         if finetune_args.merge:
-            reloaded = load_lora(
-                AutoModelForCausalLM.from_pretrained(source, trust_remote_code=finetune_args.trust_remote_code), out
-            )
+            reloaded = load_lora(load_causal_lm(source, trust_remote_code=finetune_args.trust_remote_code), out)
             merged = merge_and_unload(reloaded)  # exact; whole-projection adapters grow the rank (config updated)
             merged.save_pretrained(out / "merged")
             tokenizer.save_pretrained(out / "merged")
-        write_text_atomic(out / "finetune_results.json", json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(out / RESULTS_NAME, json.dumps(metrics, indent=2) + "\n")
+        mark_complete(out, trainer.state.global_step, training_args)  # last: every output file is written
     return metrics
 
 
@@ -151,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         args=sys.argv[1:] if argv is None else list(argv)
     )
     metrics = run(finetune_args, data_args, training_args)
-    if training_args.process_index == 0:
+    if training_args.process_index == 0 and metrics.get("already_complete"):
+        print(f"\n{already_complete_message(training_args.output_dir, metrics['already_complete'])}")
+    elif training_args.process_index == 0:
         print(json.dumps(metrics, indent=2))
         print(
             f"Adapter saved in {training_args.output_dir}. Load it with:\n"
