@@ -284,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     except OSError as error:
         raise ValueError(f"Cannot load the model or tokenizer from {args.model!r}: {error}") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # ids past the embedding: an IndexError mid-run
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model's embedding holds "
+            f"{model.get_input_embeddings().num_embeddings}: it is not this model's tokenizer. Pass the model's own "
+            "tokenizer (--tokenizer_name) or evaluate the model it belongs to."
+        )
     model.to(device)
     result = evaluate_perplexity(
         model, tokenizer, texts, args.max_length, args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens

@@ -27,6 +27,24 @@ def refuse_pickled_weights(source: str | Path) -> None:
         )
 
 
+def check_safetensors_readable(source: str | Path) -> None:
+    """Refuse a local folder with a safetensors file whose header cannot be read (torn, or not safetensors at all),
+    naming the file; ``from_pretrained`` would fail with a bare ``SafetensorError`` traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"{path} is not a readable safetensors file (torn, or not safetensors): {error}. Restore it."
+            ) from None
+
+
 def check_weights_loaded(model_name: str, loading: dict) -> None:
     """Refuse a model whose weights do not fit its config (``from_pretrained(..., output_loading_info=True)``'s
     report): missing tensors would be random, unexpected or mis-shaped ones mean another model."""
@@ -57,6 +75,7 @@ def load_causal_lm(source: str | Path, **kwargs):
     from transformers import AutoModelForCausalLM
 
     refuse_pickled_weights(source)
+    check_safetensors_readable(source)
     model, loading = AutoModelForCausalLM.from_pretrained(
         source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
     )

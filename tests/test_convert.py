@@ -301,3 +301,29 @@ def test_pickled_weights_are_refused_unopened_in_one_line(tmp_path, capsys, comm
     assert error.startswith(f"hf-lowrank {command}: error: ") and error.count("\n") == 1, error[-2000:]
     assert "pytorch_model.bin" in error and "weights_only=False" not in error and "Traceback" not in error
     assert not marker.exists() and not (tmp_path / "dense").exists()
+
+
+@pytest.mark.parametrize("command", ["convert", "evaluate"])
+def test_a_garbage_weights_file_is_named_in_one_line(tmp_path, capsys, command):
+    torch.manual_seed(0)
+    source = tmp_path / "lowrank"
+    LowRankLlamaForCausalLM(preset_config("tiny", vocab_size=VOCAB)).save_pretrained(source)
+    (source / "model.safetensors").write_bytes(b"\x00garbage, not a safetensors file" * 10)
+    argv = ["convert", "--to-dense", str(source), str(tmp_path / "dense")] if command == "convert" else [
+        "evaluate", str(source), "--max-tokens", "100"]  # fmt: skip
+    assert cli_main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"hf-lowrank {command}: error: ") and error.count("\n") == 1, error[-2000:]
+    assert "model.safetensors is not a readable safetensors file" in error
+
+
+def test_evaluate_refuses_a_tokenizer_larger_than_the_model(tmp_path, capsys, tokenizer):
+    """Ids past the embedding were an IndexError in the middle of scoring."""
+    torch.manual_seed(0)
+    source = tmp_path / "lowrank"
+    LowRankLlamaForCausalLM(preset_config("tiny", vocab_size=len(tokenizer) // 2)).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    assert cli_main(["evaluate", str(source), "--max-tokens", "100"]) == 2
+    error = capsys.readouterr().err
+    assert f"The tokenizer has {len(tokenizer)} tokens but the model's embedding holds" in error
+    assert error.count("\n") == 1 and not (source / "eval_results.json").exists()
