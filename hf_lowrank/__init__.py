@@ -5,6 +5,7 @@ Importing the package registers the model with the Auto classes, so saved models
 """
 
 import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 
@@ -47,14 +48,17 @@ class _AfterPeftImport(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name != "peft":
             return None
-        sys.meta_path.remove(self)  # find the real spec below, and never run twice
-        spec = importlib.util.find_spec(name)
+        # The real spec, found without this finder. `find_spec` alone (transformers' `is_peft_available()` asks it)
+        # imports nothing, so this finder stays installed until PEFT's module actually runs.
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             from .peft_integration import install_peft_registration
 
             install_peft_registration()

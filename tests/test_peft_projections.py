@@ -137,12 +137,27 @@ def test_peft_own_calls_load_merge_save_and_reload(trained, tmp_path):
     torch.testing.assert_close(torch.tensor(payload["logits"]), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("peft_first", [False, True], ids=["hf_lowrank-then-peft", "peft-then-hf_lowrank"])
-def test_plain_get_peft_model_on_projection_names_in_a_fresh_process(tmp_path, peft_first):
+@pytest.mark.parametrize(
+    "imports",
+    [
+        ["import hf_lowrank", "from peft import LoraConfig, get_peft_model"],
+        ["from peft import LoraConfig, get_peft_model", "import hf_lowrank"],
+        # transformers asks whether PEFT is installed (find_spec) long before anything imports it
+        [
+            "import hf_lowrank",
+            "from transformers.utils import is_peft_available",
+            "assert is_peft_available()",
+            "import importlib.util",
+            "importlib.util.find_spec('peft')",
+            "from peft import LoraConfig, get_peft_model",
+        ],
+    ],
+    ids=["hf_lowrank-then-peft", "peft-then-hf_lowrank", "peft-looked-up-first"],
+)
+def test_plain_get_peft_model_on_projection_names_in_a_fresh_process(tmp_path, imports):
     """As a user's script does it, in either import order (PEFT imported after hf_lowrank is registered when it is
-    imported; before, at `import hf_lowrank`)."""
-    imports = ["import hf_lowrank", "from peft import LoraConfig, get_peft_model"]
-    script = "\n".join([*(reversed(imports) if peft_first else imports), REGISTERED_IN_A_FRESH_PROCESS])
+    imported; before, at `import hf_lowrank`), also when PEFT was looked up before it was imported."""
+    script = "\n".join([*imports, REGISTERED_IN_A_FRESH_PROCESS])
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"q_proj": "LowRankLoraLinear", "trains": True}
