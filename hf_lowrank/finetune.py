@@ -191,7 +191,10 @@ def _train_and_save(finetune_args: FinetuneArguments, data_args, training_args: 
         data_args.tokenizer_name = source  # tokenize with the model's own tokenizer, never train a new one
     block_size = data_args.block_size or model.config.max_position_embeddings
     with training_args.main_process_first(desc="dataset preparation"):
-        _, train_dataset, eval_dataset = build_datasets(data_args, output_dir=None, block_size=block_size)
+        # config: a tokenizer with ids past the model's embedding is refused here, not as an IndexError mid-run
+        _, train_dataset, eval_dataset = build_datasets(
+            data_args, output_dir=None, block_size=block_size, config=model.config
+        )
 
     peft_model = _adapt(model, finetune_args)
     if resume is not None:

@@ -98,3 +98,17 @@ def test_target_matching_nothing_is_a_clear_error(base_model, tmp_path, capsys):
 def test_missing_model_folder(tmp_path, capsys):
     assert main(["finetune", "--model_name_or_path", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]) == 2
     assert "hf-lowrank finetune: error: --model_name_or_path" in capsys.readouterr().err
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_before_training(tmp_path, tiny_tokenizer, capsys):
+    """Ids past the embedding were an IndexError in the first forward pass."""
+    folder = tmp_path / "base"
+    tiny_tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    LowRankLlamaForCausalLM(preset_config("tiny", vocab_size=len(tiny_tokenizer) // 2)).save_pretrained(folder)
+    argv = ["finetune", "--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "lora"), "--max_steps", "1",
+            "--use_cpu", "--max_corpus_bytes", "200000", "--block_size", "64"]  # fmt: skip
+    assert main(argv) == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line.startswith("hf-lowrank finetune: error: The tokenizer has") and "vocab_size" in last_line
+    assert not list((tmp_path / "lora").glob("checkpoint-*"))
