@@ -151,3 +151,10 @@ def test_faults_of_the_world_are_one_line_and_status_1(monkeypatch, capsys, code
     assert main(["presets"]) == status
     error = capsys.readouterr().err
     assert_one_error_line(error, "presets", fragment)
+
+
+def test_a_folder_name_too_long_is_one_line_and_status_2(tmp_path, capsys):
+    """A real 300-character --output_dir (the OS refuses names over 255 bytes): bad input, not a traceback."""
+    out = tmp_path / ("r" * 300)
+    assert main(["pretrain", "--preset", "tiny", "--max_steps", "1", "--output_dir", str(out)]) == 2
+    assert_one_error_line(capsys.readouterr().err, "pretrain", "File name too long")
