@@ -293,7 +293,7 @@ def load_model(source: str | Path, expect: str) -> PreTrainedModel:
     if config.model_type != expect:
         wanted = {"llama": "a Llama model", "lowrank_llama": "a low-rank model (model_type 'lowrank_llama')"}
         raise ValueError(f"{str(source)!r} is not {wanted[expect]}: its config has model_type {config.model_type!r}.")
-    return load_causal_lm(source, config=config).eval()
+    return load_causal_lm(source, "converted", config=config).eval()
 
 
 def load_tokenizer(source: str | Path):

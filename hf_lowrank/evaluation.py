@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+        model = load_causal_lm(args.model, "evaluated", trust_remote_code=args.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(
             args.tokenizer_name or args.model, trust_remote_code=args.trust_remote_code
         )

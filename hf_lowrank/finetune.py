@@ -186,7 +186,7 @@ def _train_and_save(finetune_args: FinetuneArguments, data_args, training_args: 
     out, source = Path(training_args.output_dir), finetune_args.model_name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=finetune_args.trust_remote_code)
     # Pickled weights are refused unopened; a tensor missing or of another shape than the config's is refused (R31).
-    model = load_causal_lm(source, trust_remote_code=finetune_args.trust_remote_code)
+    model = load_causal_lm(source, "fine-tuned", trust_remote_code=finetune_args.trust_remote_code)
     if data_args.tokenizer_name is None:
         data_args.tokenizer_name = source  # tokenize with the model's own tokenizer, never train a new one
     block_size = data_args.block_size or model.config.max_position_embeddings
@@ -221,7 +221,9 @@ def _train_and_save(finetune_args: FinetuneArguments, data_args, training_args: 
         peft_model.save_pretrained(out)  # adapter_model.safetensors + adapter_config.json
         tokenizer.save_pretrained(out)
         if finetune_args.merge:
-            reloaded = load_lora(load_causal_lm(source, trust_remote_code=finetune_args.trust_remote_code), out)
+            reloaded = load_lora(
+                load_causal_lm(source, "fine-tuned", trust_remote_code=finetune_args.trust_remote_code), out
+            )
             merged = merge_and_unload(reloaded)  # exact; whole-projection adapters grow the rank (config updated)
             merged.save_pretrained(out / "merged")
             tokenizer.save_pretrained(out / "merged")

@@ -45,9 +45,10 @@ def check_safetensors_readable(source: str | Path) -> None:
             ) from None
 
 
-def check_weights_loaded(model_name: str, loading: dict) -> None:
+def check_weights_loaded(model_name: str, loading: dict, command: str = "read") -> None:
     """Refuse a model whose weights do not fit its config (``from_pretrained(..., output_loading_info=True)``'s
-    report): missing tensors would be random, unexpected or mis-shaped ones mean another model."""
+    report): missing tensors would be random, unexpected or mis-shaped ones mean another model. ``command`` says
+    what was not done ("evaluated", "converted", ...)."""
     missing, unexpected = sorted(loading.get("missing_keys", ())), sorted(loading.get("unexpected_keys", ()))
     mismatched = sorted(
         str(entry[0]) if isinstance(entry, tuple) else str(entry) for entry in loading.get("mismatched_keys", ())
@@ -63,15 +64,16 @@ def check_weights_loaded(model_name: str, loading: dict) -> None:
             if keys
         ]
         raise ValueError(
-            f"The weights in {model_name!r} do not fit its config: {'; '.join(parts)}. Nothing was done. Check that "
+            f"The weights in {model_name!r} do not fit its config: {'; '.join(parts)}. Nothing was {command}. Check that "
             "config.json and the weights come from the same model (convert Llama weights with "
             "`hf-lowrank convert --from_dense`)."
         )
 
 
-def load_causal_lm(source: str | Path, **kwargs):
+def load_causal_lm(source: str | Path, command: str = "read", **kwargs):
     """``AutoModelForCausalLM.from_pretrained(source, **kwargs)`` for a command that reads weights: pickled weights
-    are refused unopened, and every tensor must be present and of the config's shape."""
+    are refused unopened, and every tensor must be present and of the config's shape (``command``: what the refusal
+    says was not done)."""
     from transformers import AutoModelForCausalLM
 
     refuse_pickled_weights(source)
@@ -79,5 +81,5 @@ def load_causal_lm(source: str | Path, **kwargs):
     model, loading = AutoModelForCausalLM.from_pretrained(
         source, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
     )
-    check_weights_loaded(str(source), loading)
+    check_weights_loaded(str(source), loading, command)
     return model
