@@ -238,3 +238,11 @@ def test_a_second_study_in_the_same_folder_is_refused(tmp_path, cache_dir):
     finally:
         holder.release()
     assert not list((tmp_path / "runs").glob("*.json"))
+
+
+def test_wall_time_counts_only_time_with_a_segment_training():
+    """A study run over sessions days apart: its wall time is the union of the segments' intervals, not the span."""
+    from hf_lowrank.experiments.report import _busy_time
+
+    assert _busy_time([(0, 10), (5, 15), (100, 110), (102, 104)]) == 25
+    assert _busy_time([]) == 0

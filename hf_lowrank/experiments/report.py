@@ -202,7 +202,7 @@ def summarize(plan: StudyPlan, done: dict[str, dict], data_info: dict) -> dict:
         "segments": sum(len(r["segments"]) for r in done.values()),
         "worker_time_s": round(sum(seg["wall_s"] for r in done.values() for seg in r["segments"]), 1),
         "wall_time_s": round(
-            max(seg["finished_at"] for seg in segments) - min(seg["finished_at"] - seg["wall_s"] for seg in segments), 1
+            _busy_time([(seg["finished_at"] - seg["wall_s"], seg["finished_at"]) for seg in segments]), 1
         )
         if segments
         else None,
@@ -283,7 +283,7 @@ def results_markdown(summary: dict) -> str:
         f"{s['divergence_patience']} steps (`--divergence_patience`), or a final validation loss above the first "
         "training loss. Spikes: the package's `LossSpikeDetector` at its defaults.",
         f"- Compute: {summary['runs']} runs, {summary['segments']} segments, {_clock(summary['worker_time_s'])} of "
-        f"worker time, {_clock(summary['wall_time_s'])} wall with {s['threads_per_worker']} thread per worker.",
+        f"worker time, {_clock(summary['wall_time_s'])} wall (time with a segment training) with {s['threads_per_worker']} thread per worker.",
         "",
         "## Per variant",
         "",
@@ -387,6 +387,17 @@ def results_markdown(summary: dict) -> str:
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def _busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Seconds during which at least one segment was training: the union of the (start, end) intervals, so a study
+    run over several sessions days apart counts its sessions, not the days between them."""
+    total, end = 0.0, float("-inf")
+    for start, finish in sorted(intervals):
+        if finish > end:
+            total += finish - max(start, end)
+            end = finish
+    return total
 
 
 def _clock(seconds: float | None) -> str:
