@@ -50,7 +50,7 @@ from .cli_support import CommandParser
 from .configuration_lowrank import LowRankLlamaConfig, count_parameters
 from .files import EVAL_RESULTS_NAME, TOKENIZER_FILES, TRAINING_SUMMARY_NAME, write_folder_atomic
 from .modeling_lowrank import AUTO_CLASSES
-from .training.checkpointing import MANIFEST_NAME, checkpoint_step, list_checkpoints, verify_checkpoint
+from .training.checkpointing import MANIFEST_NAME, checkpoint_step, list_checkpoints, verify_checkpoint, weights_misfit
 from .training.run_dir import COMPLETE_NAME, LOCK_NAME
 
 logger = logging.getLogger(__name__)
@@ -307,24 +307,8 @@ def check_weights_load(weights: list[Path], config: LowRankLlamaConfig) -> None:
     )
     with torch.device("meta"):
         model = model_class(config)
-    parameters = model.state_dict(keep_vars=True)  # the model's own tensors: tied ones are the same object
-    expected = {name: tuple(tensor.shape) for name, tensor in parameters.items()}
-    tied: dict[int, set[str]] = {}
-    for name, tensor in parameters.items():
-        tied.setdefault(id(tensor), set()).add(name)
-    wrong_shape = [f"{k}: file {saved[k]}, config {v}" for k, v in expected.items() if k in saved and saved[k] != v]
-    unexpected = sorted(set(saved) - set(expected))
-    missing = [k for k in expected if not tied[id(parameters[k])] & set(saved)]
-    if wrong_shape or unexpected or missing:
-        details = "; ".join(
-            part
-            for part in (
-                f"{len(wrong_shape)} tensors differ in shape (e.g. {wrong_shape[0]})" if wrong_shape else "",
-                f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[0]})" if unexpected else "",
-                f"{len(missing)} model tensors missing (e.g. {missing[0]})" if missing else "",
-            )
-            if part
-        )
+    details = weights_misfit(saved, model, saved_as="file", model_as="config")
+    if details:
         raise ValueError(
             f"The weights in {weights[0].parent} do not load under its own config.json ({model_class.__name__}): "
             f"{details}. The config was edited or the weights come from another model; save the model again with "

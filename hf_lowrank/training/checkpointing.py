@@ -405,6 +405,35 @@ def tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"Could not read {path} (truncated or corrupted?): {error}") from error
 
 
+def weights_misfit(saved: dict[str, tuple[int, ...]], model: torch.nn.Module, saved_as: str, model_as: str = "model"):
+    """What keeps tensors of these names and shapes (``saved``) from loading into ``model``, as one phrase, or None.
+
+    Tensors the model ties to another one (the LM head of tied embeddings) may be absent. Ties are found by
+    parameter identity, so ``model`` may live on the meta device. ``saved_as``/``model_as`` name the two sides."""
+    parameters = model.state_dict(keep_vars=True)  # the model's own tensors: tied ones are the same object
+    expected = {name: tuple(tensor.shape) for name, tensor in parameters.items()}
+    tied: dict[int, set[str]] = {}
+    for name, tensor in parameters.items():
+        tied.setdefault(id(tensor), set()).add(name)
+    wrong_shape = [
+        f"{k}: {saved_as} {saved[k]}, {model_as} {v}" for k, v in expected.items() if k in saved and saved[k] != v
+    ]
+    unexpected = sorted(set(saved) - set(expected))
+    missing = [k for k in expected if not tied[id(parameters[k])] & set(saved)]
+    return (
+        "; ".join(
+            part
+            for part in (
+                f"{len(wrong_shape)} tensors differ in shape (e.g. {wrong_shape[0]})" if wrong_shape else "",
+                f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[0]})" if unexpected else "",
+                f"{len(missing)} model tensors missing (e.g. {missing[0]})" if missing else "",
+            )
+            if part
+        )
+        or None
+    )
+
+
 def check_weights_fit(checkpoint: str | os.PathLike, model: torch.nn.Module) -> None:
     """Refuse, before any weight is loaded, a checkpoint saved for a model of another shape.
 
@@ -423,26 +452,8 @@ def check_weights_fit(checkpoint: str | os.PathLike, model: torch.nn.Module) -> 
             )
         return
     saved = {key: shape for path in files for key, shape in tensor_shapes(path).items()}
-    state = model.state_dict()
-    expected = {key: tuple(value.shape) for key, value in state.items()}
-    sharing: dict[int, list[str]] = {}  # storage -> the keys that view it (tied weights)
-    for key, value in state.items():
-        sharing.setdefault(value.data_ptr(), []).append(key)
-    wrong_shape = [
-        f"{k}: checkpoint {saved[k]}, model {v}" for k, v in expected.items() if k in saved and saved[k] != v
-    ]
-    unexpected = sorted(set(saved) - set(expected))
-    missing = [k for k in expected if not any(t in saved for t in sharing[state[k].data_ptr()])]
-    if wrong_shape or unexpected or missing:
-        details = "; ".join(
-            part
-            for part in (
-                f"{len(wrong_shape)} tensors differ in shape (e.g. {wrong_shape[0]})" if wrong_shape else "",
-                f"{len(unexpected)} tensors the model does not have (e.g. {unexpected[0]})" if unexpected else "",
-                f"{len(missing)} model tensors missing (e.g. {missing[0]})" if missing else "",
-            )
-            if part
-        )
+    details = weights_misfit(saved, model, saved_as="checkpoint")
+    if details:
         raise ValueError(
             f"Checkpoint {checkpoint} was saved for a different model: {details}. Resume with the model settings it "
             "was trained with (--preset, --config_overrides, --rank/--rank_ratio, --dense), or start a new run in a "
