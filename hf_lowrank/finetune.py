@@ -21,7 +21,8 @@ from r to r + lora_r (exact) and records it in the merged model's `rank_override
 The run is as safe as `hf-lowrank pretrain`'s (R31): its `--output_dir` is locked (R20) and a foreign folder refused
 (R21); checkpoints are saved atomically with a manifest by `LowRankTrainer` (R1), which also skips non-finite steps;
 re-running the command resumes from the newest complete checkpoint, or changes nothing once the run is complete
-(R19); and a checkpoint to resume from is checked (manifest, adapter tensor names and shapes) before it is loaded.
+(R19); a checkpoint to resume from is checked (manifest, adapter tensor names and shapes) before it is loaded; and
+SIGTERM saves a checkpoint at the next step end and exits with status 143, the same command resuming from it (R24).
 """
 
 import json
@@ -45,7 +46,8 @@ from .files import write_text_atomic
 from .loading import load_causal_lm
 from .training.arguments import OptimizerArguments
 from .training.checkpointing import latest_complete_checkpoint, resolve_resume_checkpoint, tensor_shapes
-from .training.run_dir import already_complete_message, mark_complete, open_run_dir
+from .training.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback, TrainingPreempted, preemption_message
+from .training.run_dir import already_complete_message, mark_complete, on_main_process, open_run_dir
 from .training.trainer import LowRankTrainer
 
 logger = logging.getLogger("hf_lowrank.finetune")
@@ -201,6 +203,7 @@ def _train_and_save(finetune_args: FinetuneArguments, data_args, training_args: 
         check_adapter_fits(resume, peft_model)
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    preemption = PreemptionCallback()
     trainer = LowRankTrainer(
         model=peft_model,
         args=training_args,
@@ -212,8 +215,13 @@ def _train_and_save(finetune_args: FinetuneArguments, data_args, training_args: 
         # checkpoints record it as AdamW, Trainer's default.
         optimizer_cls_and_kwargs=Trainer.get_optimizer_cls_and_kwargs(training_args, peft_model),
         optimizer_args=OptimizerArguments(optimizer="adamw"),
+        callbacks=[preemption],
     )
     result = trainer.train(resume_from_checkpoint=resume)
+    if preemption.stop_requested(training_args):  # SIGTERM: checkpoint saved at the step it stopped (R24)
+        step, explicit = trainer.state.global_step, training_args.resume_from_checkpoint is not None
+        message = on_main_process(lambda: preemption_message(out, step, explicit))
+        raise TrainingPreempted(out, step, message)
     metrics = {"train_loss": result.training_loss, "trainable_parameters": trainable, "parameters": total}
     if eval_dataset is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -239,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     finetune_args, data_args, training_args = parser.parse_args_into_dataclasses(
         args=sys.argv[1:] if argv is None else list(argv)
     )
-    metrics = run(finetune_args, data_args, training_args)
+    try:
+        metrics = run(finetune_args, data_args, training_args)
+    except TrainingPreempted as stop:  # a checkpoint at the step it stopped; the same command resumes from it
+        logger.warning("%s", stop)
+        return PREEMPTED_EXIT_CODE
     if training_args.process_index == 0 and metrics.get("already_complete"):
         print(f"\n{already_complete_message(training_args.output_dir, metrics['already_complete'])}")
     elif training_args.process_index == 0:

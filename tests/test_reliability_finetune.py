@@ -133,6 +133,43 @@ def test_a_killed_finetune_resumes_from_its_newest_checkpoint(base_model, tmp_pa
     assert fingerprint(out) == before
 
 
+# ---------------------------------------------------------------------------------------------- R24
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_finetune_and_the_same_command_resumes_bitwise(
+    base_model, tmp_path, caplog, monkeypatch
+):
+    from hf_lowrank.training.preemption import PREEMPTED_EXIT_CODE
+    from hf_lowrank.training.trainer import LowRankTrainer
+
+    reference = tmp_path / "reference"
+    assert main(["finetune", *finetune_args(base_model, reference)]) == 0
+
+    training_step = LowRankTrainer.training_step
+
+    def signalled(self, *args, **kwargs):
+        if self.state.global_step == 2:  # a real SIGTERM, delivered to this process during step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(self, *args, **kwargs)
+
+    out = tmp_path / "run"
+    argv, handler = finetune_args(base_model, out), signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as patch:
+        patch.setattr(LowRankTrainer, "training_step", signalled)
+        assert main(["finetune", *argv]) == PREEMPTED_EXIT_CODE
+    # Saved at the step in progress (--save_steps 2 would not have); no adapter, no completion mark.
+    assert steps(out) == [2, 3] and not (out / COMPLETE_NAME).exists()
+    assert not (out / "adapter_model.safetensors").exists()
+    verify_checkpoint(out / "checkpoint-3")
+    assert f"Stopped by SIGTERM at step 3: {out / 'checkpoint-3'} is complete. Re-run the same command" in caplog.text
+    assert signal.getsignal(signal.SIGTERM) == handler  # the run's handler is gone with the run
+
+    assert main(["finetune", *argv]) == 0  # the requeued job: the same command
+    assert logged_steps(out / "checkpoint-6") == [1, 2, 3, 4, 5, 6]
+    final, expected = load_file(out / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)  # bitwise the uninterrupted run's adapter
+
+
 # ---------------------------------------------------------------------------------------------- R20
 def _wait_for_holder(lock: Path, timeout=120) -> dict:
     deadline = time.time() + timeout
