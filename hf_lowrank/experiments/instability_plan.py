@@ -26,6 +26,7 @@ TUNED_LRS = {
     "spectron": 1e-2,
     "orthogonalize_only": 3e-3,
     "renormalize_only": 3e-2,
+    "dense_muon": 1e-2,
 }
 
 # The deep condition's shape: 12 layers at width 128 hold 0.75× the projection parameters of the baseline's 4 at
