@@ -17,7 +17,7 @@ from hf_lowrank.experiments.instability_plan import (
     condition_settings,
     smoke_hunt_settings,
 )
-from hf_lowrank.experiments.instability_report import run_outcome
+from hf_lowrank.experiments.instability_report import results_markdown, run_outcome, summarize
 from hf_lowrank.experiments.plan import Job, Segment, StudySettings
 from hf_lowrank.experiments.runner import prepare_data, run_segment
 
@@ -78,7 +78,27 @@ def test_bad_conditions_are_refused():
     with pytest.raises(ValueError, match="lowercase"):
         HuntPlan(dataclasses.replace(HuntSettings(), conditions=(Condition("No Clip", "", clip=False),)))
     with pytest.raises(ValueError, match="No tuned lr"):
-        HuntPlan(dataclasses.replace(HuntSettings(), variants=("dense_muon",)))
+        HuntPlan(dataclasses.replace(HuntSettings(), lrs={"spectron": 0.01}))
+    with pytest.raises(ValueError, match="Control conditions"):
+        HuntPlan(dataclasses.replace(HuntSettings(), control_conditions=("baseline", "lr_100x")))
+
+
+def test_the_control_can_be_kept_to_some_conditions():
+    flags = ["--out", "x", "--control_conditions", "baseline", "combined_10x"]
+    settings = settings_from_args(build_parser().parse_args(flags))
+    assert settings.control_conditions == ("baseline", "combined_10x")
+    assert settings_from_args(build_parser().parse_args(shlex.split(command_line(settings, "x"))[2:])) == settings
+    plan = HuntPlan(settings)
+    jobs = plan.jobs()
+    assert len(jobs) == 10 * 2 + 2  # both factorized variants everywhere, the control at two conditions
+    assert sorted(job.tag for job in jobs if job.variant == "dense_adamw") == ["baseline", "combined_10x"]
+
+    summary = summarize(plan, {}, {"unigram_loss": 6.0}, "hf-lowrank instability-hunt --out x")
+    deep = summary["conditions"]["deep"]
+    assert deep["not_in_plan"] == ["dense_adamw"] and list(deep["runs"]) == ["lowrank_adamw", "spectron"]
+    assert summary["conditions"]["baseline"]["not_in_plan"] == [] and not summary["complete"]
+    row = next(line for line in results_markdown(summary).splitlines() if line.startswith("| `deep`"))
+    assert row.count("not trained yet") == 2 and row.endswith("not in this hunt (control conditions) |")
 
 
 # ------------------------------------------------------------------------------------------------ outcomes

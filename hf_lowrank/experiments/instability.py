@@ -59,6 +59,8 @@ def command_line(settings: HuntSettings, out_dir, *, smoke: bool = False, worker
     words = ["hf-lowrank", "instability-hunt", "--out", str(out_dir)] + (["--smoke"] if smoke else [])
     words += ["--steps", str(settings.steps), "--variants", *settings.variants]
     words += ["--conditions", *(c.name for c in settings.conditions), "--seeds", str(settings.seeds)]
+    if settings.control_conditions is not None:
+        words += ["--control_conditions", *settings.control_conditions]
     words += ["--workers", str(workers)]
     if settings.base.device != "cpu":
         words += ["--device", settings.base.device]
@@ -80,6 +82,12 @@ def build_parser() -> CommandParser:
     parser.add_argument("--conditions", nargs="+", choices=names, help=f"Default: all of {names}.")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help=f"Default: {list(defaults.variants)}.")
     parser.add_argument("--seeds", type=int, help=f"Seeds per condition and variant (default {defaults.seeds}).")
+    parser.add_argument(
+        "--control_conditions",
+        nargs="+",
+        choices=names,
+        help=f"Train the control ({defaults.control}) at these conditions only (default: every condition).",
+    )
     parser.add_argument("--workers", type=int, default=2, help="Training processes (0: in this process).")
     parser.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Where the runs train.")
@@ -98,9 +106,10 @@ def settings_from_args(args: argparse.Namespace) -> HuntSettings:
         settings.conditions = tuple(c for c in settings.conditions if c.name in args.conditions)
     if args.variants is not None:
         settings.variants = tuple(args.variants)
-    for name in ("steps", "seeds"):
+    for name in ("steps", "seeds", "control_conditions"):
         if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+            value = getattr(args, name)
+            setattr(settings, name, tuple(value) if isinstance(value, list) else value)
     settings.base = dataclasses.replace(settings.base, threads_per_worker=args.threads, device=args.device)
     return settings
 

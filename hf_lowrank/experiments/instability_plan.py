@@ -96,6 +96,11 @@ class HuntSettings:
     lrs: dict = field(default_factory=lambda: dict(TUNED_LRS))
     conditions: tuple = field(default_factory=default_conditions)
     seeds: int = 1
+    # The control (dense AdamW) trains at these conditions only (None: at every one); the other variants train at
+    # every condition. A dense run costs about 1.5× a factorized one, so on a small machine the control can be kept
+    # to the conditions where it separates "low-rank breaks" from "this breaks any model".
+    control: str = "dense_adamw"
+    control_conditions: tuple | None = None
     # A run "learned" once its smoothed training loss got this far below the unigram baseline, and it "stalled at
     # unigram" when it did not diverge but its final validation loss ended within `stall_margin` of that baseline
     # (or above it) while the factor norms (dense: weight norms) grew: the paper's "6.95 (diverged)" picture.
@@ -129,6 +134,10 @@ class HuntPlan:
         bad = [n for n in names if not re.fullmatch(r"[a-z0-9_]+", n)]
         if bad:
             raise ValueError(f"Condition names {bad} must be lowercase letters, digits and '_' (they go in run ids).")
+        if s.control_conditions is not None:
+            unknown = [n for n in s.control_conditions if n not in names]
+            if unknown:
+                raise ValueError(f"Control conditions {unknown} are not among the hunt's conditions {names}.")
         if s.steps < 1 or s.seeds < 1:
             raise ValueError(f"steps and seeds must be at least 1, got {s.steps} and {s.seeds}.")
         self.variants = list(s.variants)
@@ -146,10 +155,15 @@ class HuntPlan:
         return Job(variant, self.lr(variant, condition), s.base.seed + seed, s.steps, clip=condition.clip,
                    tag=condition.name)  # fmt: skip
 
+    def trains(self, variant: str, condition: Condition) -> bool:
+        """Whether ``variant`` trains at ``condition``: always, except the control outside its conditions."""
+        s = self.settings
+        return variant != s.control or s.control_conditions is None or condition.name in s.control_conditions
+
     def jobs(self) -> list[Job]:
         return [
             self.job(variant, condition, seed)
-            for condition in self.conditions.values() for variant in self.variants
+            for condition in self.conditions.values() for variant in self.variants if self.trains(variant, condition)
             for seed in range(self.settings.seeds)
         ]  # fmt: skip
 

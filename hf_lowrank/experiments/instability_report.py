@@ -75,8 +75,11 @@ def summarize(plan: HuntPlan, done: dict[str, dict], data_info: dict, command: s
     s, unigram = plan.settings, data_info["unigram_loss"]
     conditions = {}
     for name, condition in plan.conditions.items():
-        runs = {}
+        runs, skipped = {}, []
         for variant in plan.variants:
+            if not plan.trains(variant, condition):
+                skipped.append(variant)
+                continue
             jobs = [plan.job(variant, condition, seed) for seed in range(s.seeds)]
             records = [done[j.id] for j in jobs if j.id in done and _finished(done[j.id])]
             runs[variant] = [run_outcome(r, unigram, s.learn_margin, s.stall_margin) for r in records]
@@ -90,6 +93,7 @@ def summarize(plan: HuntPlan, done: dict[str, dict], data_info: dict, command: s
             "layers": settings.model_config(dense=True).num_hidden_layers,
             "width": settings.model_config(dense=True).hidden_size,
             "runs": runs,
+            "not_in_plan": skipped,  # the control, where `control_conditions` leaves this condition out
         }
     return {
         "complete": plan.finished(done),
@@ -112,7 +116,7 @@ def totals(conditions: dict, variants: list[str]) -> dict:
     """Per variant: runs trained, diverged, with a spike, stalled at unigram (and of those, after learning)."""
     out = {}
     for variant in variants:
-        runs = [run for c in conditions.values() for run in c["runs"][variant]]
+        runs = [run for c in conditions.values() for run in c["runs"].get(variant, [])]
         out[variant] = {
             "runs": len(runs),
             "diverged": sum(r["diverged"] for r in runs),
@@ -195,6 +199,9 @@ def _matrix_table(summary: dict) -> list[str]:
     for name, c in summary["conditions"].items():
         cells = []
         for variant in variants:
+            if variant in c.get("not_in_plan", ()):
+                cells.append("not in this hunt (control conditions)")
+                continue
             runs = c["runs"][variant]
             cells.append("; ".join(f"{status(r)}, {_num(r['final_loss'], '.3f')}" for r in runs) or "not trained yet")
         lines.append(f"| `{name}`: {c['description']} | " + " | ".join(cells) + " |")
