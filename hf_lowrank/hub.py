@@ -38,7 +38,6 @@ from huggingface_hub import (
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import _http as hub_http
 from huggingface_hub.utils import validate_repo_id
-from safetensors import SafetensorError, safe_open
 
 from . import __version__, modeling_lowrank
 from .cards import (
@@ -50,7 +49,15 @@ from .cli_support import CommandParser
 from .configuration_lowrank import LowRankLlamaConfig, count_parameters
 from .files import EVAL_RESULTS_NAME, TOKENIZER_FILES, TRAINING_SUMMARY_NAME, write_folder_atomic
 from .modeling_lowrank import AUTO_CLASSES
-from .training.checkpointing import MANIFEST_NAME, checkpoint_step, list_checkpoints, verify_checkpoint, weights_misfit
+from .training.checkpointing import (
+    MANIFEST_NAME,
+    CheckpointError,
+    checkpoint_step,
+    list_checkpoints,
+    tensor_shapes,
+    verify_checkpoint,
+    weights_misfit,
+)
 from .training.run_dir import COMPLETE_NAME, LOCK_NAME
 
 logger = logging.getLogger(__name__)
@@ -264,15 +271,13 @@ def _read_index(index: Path) -> dict[str, str]:
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors in ``path``, from its header; no tensor is read. Opening the file checks that
-    the header is whole and that its tensors cover the file exactly, so a torn file is refused here."""
+    """`tensor_shapes` of ``path`` (its header only; a torn file is refused there), as push's bad-input error."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except (SafetensorError, OSError) as error:
+        return tensor_shapes(path)
+    except CheckpointError as error:
         raise ValueError(
-            f"{path} is torn or not a safetensors file ({error}): save the model again (or finish the run that "
-            "writes it) before pushing."
+            f"{path} is torn or not a safetensors file ({error.__cause__}): save the model again (or finish the run "
+            "that writes it) before pushing."
         ) from error
 
 
