@@ -20,7 +20,7 @@ from .instability_plan import HuntPlan, HuntSettings, smoke_hunt_settings
 from .instability_report import write_report
 from .plan import VARIANTS
 from .runner import prepare_data
-from .scheduler import holding, quiet_environment, study_key, train_pending
+from .scheduler import add_scheduling_flags, holding, quiet_environment, study_key, study_parser, train_pending
 
 
 def run_hunt(
@@ -69,15 +69,9 @@ def command_line(settings: HuntSettings, out_dir, *, smoke: bool = False, worker
 
 # ------------------------------------------------------------------------------------------------ command line
 def build_parser() -> CommandParser:
-    parser = CommandParser(
-        prog="hf-lowrank instability-hunt",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+    parser = study_parser("hf-lowrank instability-hunt", __doc__)
     defaults = HuntSettings()
     names = [c.name for c in defaults.conditions]
-    parser.add_argument("--out", required=True, help="Results folder: runs/*.json, summary.json, results.md, plots.")
-    parser.add_argument("--smoke", action="store_true", help="Seconds-long tiny settings (checks the tool).")
     parser.add_argument("--steps", type=int, help=f"Steps of every run (default {defaults.steps}).")
     parser.add_argument("--conditions", nargs="+", choices=names, help=f"Default: all of {names}.")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help=f"Default: {list(defaults.variants)}.")
@@ -88,14 +82,7 @@ def build_parser() -> CommandParser:
         choices=names,
         help=f"Train the control ({defaults.control}) at these conditions only (default: every condition).",
     )
-    parser.add_argument("--workers", type=int, default=2, help="Training processes (0: in this process).")
-    parser.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Where the runs train.")
-    parser.add_argument("--max_segments", type=int, help="Stop after this many runs (resume later).")
-    parser.add_argument(
-        "--report_only", action="store_true", help="Rewrite the report from the records; train nothing."
-    )
-    parser.add_argument("--cache_dir", default="runs/instability-cache", help="Tokenized corpus and checkpoints.")
+    add_scheduling_flags(parser, "runs/instability-cache")
     return parser
 
 

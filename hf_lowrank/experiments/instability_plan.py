@@ -14,7 +14,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from .plan import VARIANTS, Job, Segment, StudySettings, is_done, smoke_settings
+from .plan import VARIANTS, Job, Segment, StudySettings, is_done, remaining_flops, smoke_settings
 from .scaling_plan import ModelSize
 
 HUNT_VARIANTS = ("lowrank_adamw", "spectron", "dense_adamw")
@@ -184,10 +184,8 @@ class HuntPlan:
         return None if settings is None else settings.fingerprint()
 
     def cost(self, segment: Segment, done: dict) -> float:
-        record = done.get(segment.job.id)
-        steps = segment.stop_at - (record["steps_done"] if record else 0)
-        settings = self.settings_for(segment.job)
-        return max(steps, 0) * settings.tokens_per_step * settings.flops_per_token(VARIANTS[segment.job.variant].dense)
+        """Training FLOPs still to spend on ``segment``."""
+        return remaining_flops(self.settings_for(segment.job), segment, done)
 
     def remaining_cost(self, done: dict) -> float:
         return sum(self.cost(segment, done) for segment in self.segments(done))

@@ -10,19 +10,10 @@ from pathlib import Path
 from ..files import write_text_atomic
 from .instability_plan import HuntPlan
 from .plan import VARIANTS
-from .report import _factor_growth, _finite_max, _growth
+from .report import _factor_growth, _finite_max, _growth, running_mean
 
 
 # ------------------------------------------------------------------------------------------------ one run
-def running_mean(values: list[float], window: int) -> list[float]:
-    """The mean of each value and the ``window - 1`` before it."""
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
-
-
 def smoothed_min_and_last(losses: list[float], window: int) -> tuple[float | None, float | None]:
     """The lowest and the last of the ``window``-step running mean of a loss curve (non-finite steps left out)."""
     means = running_mean([x for x in losses if x is not None and math.isfinite(x)], window)

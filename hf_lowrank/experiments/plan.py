@@ -249,6 +249,15 @@ def is_done(record: dict | None, stop_at: int) -> bool:
     return record is not None and (record["diverged"] or record["steps_done"] >= stop_at)
 
 
+def remaining_flops(settings: StudySettings, segment: Segment, done: dict) -> float:
+    """Training FLOPs still to spend on ``segment`` under ``settings``, given the records ``done`` (what every study's
+    plan reports as a segment's cost, for the scheduler's order and ETA)."""
+    record = done.get(segment.job.id)
+    steps = segment.stop_at - (record["steps_done"] if record else 0)
+    flops = settings.flops_per_token(VARIANTS[segment.job.variant].dense, segment.job.rank_ratio)
+    return max(steps, 0) * settings.tokens_per_step * flops
+
+
 class StudyPlan:
     """Which segments the study holds, given the finished records (``done``: run id → record)."""
 
@@ -433,11 +442,7 @@ class StudyPlan:
 
     def cost(self, segment: Segment, done: dict) -> float:
         """Training FLOPs still to spend on ``segment`` (for the ETA)."""
-        s = self.settings
-        record = done.get(segment.job.id)
-        steps = segment.stop_at - (record["steps_done"] if record else 0)
-        flops = s.flops_per_token(VARIANTS[segment.job.variant].dense, segment.job.rank_ratio)
-        return max(steps, 0) * s.tokens_per_step * flops
+        return remaining_flops(self.settings, segment, done)
 
     def remaining_cost(self, done: dict) -> float:
         """Training FLOPs of the work known now (later segments depend on results not yet in)."""

@@ -408,7 +408,8 @@ def _clock(seconds: float | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ plots
-def _smooth(values: list[float], width: int) -> list[float]:
+def running_mean(values: list[float], width: int) -> list[float]:
+    """The mean of each value and the ``width - 1`` before it (a NaN spoils only the windows that hold it)."""
     out, window = [], []
     for value in values:
         window.append(value)
@@ -436,7 +437,7 @@ def plot_all(out_dir: Path, plan: StudyPlan, done: dict[str, dict], summary: dic
     rung = str(plan.settings.rung_steps)
 
     def curve(record):
-        return record["curve"]["step"], _smooth(record["curve"]["loss"], smooth)
+        return record["curve"]["step"], running_mean(record["curve"]["loss"], smooth)
 
     # 1. Loss curves at each variant's best lr.
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)

@@ -20,7 +20,7 @@ from .plan import VARIANTS
 from .runner import prepare_data
 from .scaling_plan import ScalingPlan, ScalingSettings, smoke_scaling_settings
 from .scaling_report import write_report
-from .scheduler import holding, quiet_environment, study_key, train_pending
+from .scheduler import add_scheduling_flags, holding, quiet_environment, study_key, study_parser, train_pending
 
 
 def run_scaling_study(
@@ -72,14 +72,8 @@ def command_line(settings: ScalingSettings, out_dir, *, smoke: bool = False, wor
 
 # ------------------------------------------------------------------------------------------------ command line
 def build_parser() -> CommandParser:
-    parser = CommandParser(
-        prog="hf-lowrank scaling-study",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
+    parser = study_parser("hf-lowrank scaling-study", __doc__)
     defaults = ScalingSettings()
-    parser.add_argument("--out", required=True, help="Results folder: runs/*.json, summary.json, results.md, plots.")
-    parser.add_argument("--smoke", action="store_true", help="Seconds-long tiny settings (checks the tool).")
     parser.add_argument("--widths", type=int, nargs="+", help=f"Model widths (default {list(defaults.widths)}).")
     parser.add_argument("--layers", type=int, help=f"Layers of every size (default {defaults.layers}).")
     parser.add_argument(
@@ -94,15 +88,8 @@ def build_parser() -> CommandParser:
     parser.add_argument("--dataset_name", help="Text to train on: a Hub dataset or a save_to_disk folder.")
     parser.add_argument("--dataset_config_name", help="Configuration of --dataset_name, e.g. 'en'.")
     parser.add_argument("--train_files", nargs="+", help="Local text files or globs (.txt, .jsonl, .parquet ...).")
-    parser.add_argument("--workers", type=int, default=2, help="Training processes (0: in this process).")
-    parser.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Where the runs train.")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (float32 weights), as on GPUs.")
-    parser.add_argument("--max_segments", type=int, help="Stop after this many runs (resume later).")
-    parser.add_argument(
-        "--report_only", action="store_true", help="Rewrite the report from the records; train nothing."
-    )
-    parser.add_argument("--cache_dir", default="runs/scaling-cache", help="Tokenized corpus and checkpoints.")
+    add_scheduling_flags(parser, "runs/scaling-cache")
     return parser
 
 

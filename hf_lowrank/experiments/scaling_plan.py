@@ -20,7 +20,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .plan import VARIANTS, Job, Segment, StudySettings, is_done, next_half_decade, previous_half_decade, smoke_settings
+from .plan import (
+    VARIANTS,
+    Job,
+    Segment,
+    StudySettings,
+    is_done,
+    next_half_decade,
+    previous_half_decade,
+    remaining_flops,
+    smoke_settings,
+)
 
 # The stability study's MLP proportion (688 / 256), rounded per size to a multiple of 8.
 MLP_RATIO = 2.6875
@@ -256,10 +266,7 @@ class ScalingPlan:
 
     def cost(self, segment: Segment, done: dict) -> float:
         """Training FLOPs still to spend on ``segment``."""
-        record = done.get(segment.job.id)
-        steps = segment.stop_at - (record["steps_done"] if record else 0)
-        settings = self.settings_for(segment.job)
-        return max(steps, 0) * settings.tokens_per_step * settings.flops_per_token(VARIANTS[segment.job.variant].dense)
+        return remaining_flops(self.settings_for(segment.job), segment, done)
 
     def remaining_cost(self, done: dict) -> float:
         """FLOPs of the segments ready now plus those that wait on an lr choice (a run spends about its budget):

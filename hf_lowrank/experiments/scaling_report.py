@@ -13,6 +13,7 @@ from pathlib import Path
 from ..configuration_lowrank import count_parameters
 from ..files import write_text_atomic
 from .plan import VARIANTS
+from .report import running_mean
 from .scaling_fits import loss_vs_params_fit, optimal_size, optimal_size_exponent
 from .scaling_plan import ScalingPlan
 
@@ -467,16 +468,6 @@ def _pyplot():
     return plt
 
 
-def _smooth(values: list[float], width: int) -> list[float]:
-    out, window = [], []
-    for value in values:
-        window.append(value)
-        if len(window) > width:
-            window.pop(0)
-        out.append(sum(window) / len(window))
-    return out
-
-
 def plot_loss_vs_flops(out_dir: Path, plan: ScalingPlan, done: dict, summary: dict) -> None:
     """Training loss against training FLOPs spent, one panel per variant, one colour per size, one line style per
     budget; the final validation losses as dots."""
@@ -493,7 +484,7 @@ def plot_loss_vs_flops(out_dir: Path, plan: ScalingPlan, done: dict, summary: di
                 per_step = entry["training_flops"] / entry["steps"]
                 steps, loss = record["curve"]["step"], record["curve"]["loss"]
                 width = next(s["width"] for s in summary["sizes"] if s["tag"] == tag)
-                ax.plot([per_step * x for x in steps], _smooth(loss, max(1, len(loss) // 50)), lw=1,
+                ax.plot([per_step * x for x in steps], running_mean(loss, max(1, len(loss) // 50)), lw=1,
                         ls=styles[b % len(styles)], color=colors[tag],
                         label=f"width {width}, {key} FLOPs, lr {entry['lr']:g}")  # fmt: skip
                 ax.plot([entry["training_flops"]] * len(entry["final_loss"]), entry["final_loss"], "o",

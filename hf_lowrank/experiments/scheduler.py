@@ -18,6 +18,7 @@ results folder, so a killed study restarts where it stood.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -27,6 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExe
 from multiprocessing import get_context
 from pathlib import Path
 
+from ..cli_support import CommandParser
 from ..training.run_dir import OutputDirInUseError, RunLock
 from .plan import StudySettings
 from .runner import run_segment, worker_init
@@ -152,6 +154,28 @@ def _progress_line(plan, done, trained, segment, record, elapsed, trained_cost) 
 def clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def study_parser(prog: str, doc: str) -> CommandParser:
+    """The parser of a study command (described by the first paragraph of ``doc``), with the flags every study takes
+    first: where its results go and the smoke settings."""
+    parser = CommandParser(prog=prog, description=doc.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--out", required=True, help="Results folder: runs/*.json, summary.json, results.md, plots.")
+    parser.add_argument("--smoke", action="store_true", help="Seconds-long tiny settings (checks the tool).")
+    return parser
+
+
+def add_scheduling_flags(parser: CommandParser, cache_dir: str, *, device: bool = True) -> None:
+    """The flags every study takes last: how its runs are scheduled (`train_pending`) and where its cache lives."""
+    parser.add_argument("--workers", type=int, default=2, help="Training processes (0: in this process).")
+    parser.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
+    if device:
+        parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Where the runs train.")
+    parser.add_argument("--max_segments", type=int, help="Stop after this many runs (resume later).")
+    parser.add_argument(
+        "--report_only", action="store_true", help="Rewrite the report from the records; train nothing."
+    )
+    parser.add_argument("--cache_dir", default=cache_dir, help="Tokenized corpus and checkpoints.")
 
 
 def quiet_environment() -> None:

@@ -12,15 +12,13 @@ run interrupted mid-segment continues from its last checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
-from ..cli_support import CommandParser
 from .plan import VARIANTS, StudyPlan, StudySettings, smoke_settings
 from .report import write_report
 from .runner import prepare_data
-from .scheduler import checkpoints_dir, holding, quiet_environment, train_pending
+from .scheduler import add_scheduling_flags, checkpoints_dir, holding, quiet_environment, study_parser, train_pending
 
 
 def run_study(
@@ -57,22 +55,10 @@ def run_study(
 
 # ------------------------------------------------------------------------------------------------ command line
 def main(argv: list[str] | None = None) -> int:
-    parser = CommandParser(
-        prog="hf-lowrank stability-study",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    parser.add_argument("--out", required=True, help="Results folder: runs/*.json, summary.json, results.md, plots.")
-    parser.add_argument("--smoke", action="store_true", help="Seconds-long tiny settings (checks the tool).")
-    parser.add_argument("--workers", type=int, default=2, help="Training processes (0: in this process).")
-    parser.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
+    parser = study_parser("hf-lowrank stability-study", __doc__)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="Default: every variant.")
     parser.add_argument("--seeds", type=int, help="Seeds at each variant's best and largest stable lr (default 2).")
-    parser.add_argument("--max_segments", type=int, help="Stop after this many run segments (resume later).")
-    parser.add_argument(
-        "--report_only", action="store_true", help="Rewrite the report from the records; train nothing."
-    )
-    parser.add_argument("--cache_dir", default="runs/stability-cache", help="Tokenized corpus and checkpoints.")
+    add_scheduling_flags(parser, "runs/stability-cache", device=False)
     args = parser.parse_args(argv)
     settings = smoke_settings() if args.smoke else StudySettings()
     settings.threads_per_worker = args.threads
