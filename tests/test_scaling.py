@@ -113,7 +113,7 @@ def test_steps_spend_each_budget_and_the_defaults_span_the_required_sizes():
     # The stability study's records stay valid: its fingerprint and run ids are what they were.
     assert StudySettings().fingerprint() == "f3eec68e6784"
     assert Job("spectron", 0.01, 0, 1500).id == "spectron_lr0.01_seed0_steps1500"
-    assert plan.job("spectron", w256, plan.budgets[0], 0.01).id == "spectron_w256d4_lr0.01_seed0_steps1708"
+    assert plan.job("spectron", w256, plan.budgets[0], 0.01).id == "spectron_w256d4_lr0.01_seed0_steps256"
 
 
 def test_impossible_settings_are_refused():

@@ -98,9 +98,10 @@ class ScalingSettings:
     widths: tuple = (128, 256, 384)  # non-embedding parameters of the dense models: 0.79M, 3.16M, 7.12M (9×)
     layers: int = 4
     head_dim: int = 64
-    # Training FLOPs per run, 3× apart: 2e13 is 0.57× the stability study's dense run (3.52e13, 1,500 steps at
-    # width 256). Steps at width 128 / 256 / 384: dense 2,910 / 852 / 402, factorized 5,082 / 1,708 / 858.
-    budgets: tuple = (2e13, 6e13)
+    # Training FLOPs per run, 3.3× apart, sized so the whole study fits about 4 worker-hours of a 2-core CPU: 3e12 is
+    # 0.085× the stability study's dense run (3.52e13). Steps at width 128 / 256 / 384: dense 436 / 128 / 60 and
+    # 1,455 / 426 / 201, factorized 762 / 256 / 129 and 2,541 / 854 / 429; no run repeats the built-in corpus.
+    budgets: tuple = (3e12, 1e13)
     variants: tuple = SCALING_VARIANTS
     lr_centres: dict = field(default_factory=lambda: dict(LR_CENTRES))
     seeds: int = 2  # at the largest size, at every budget
