@@ -171,7 +171,7 @@ def add_scheduling_flags(parser: CommandParser, cache_dir: str, *, device: bool 
     parser.add_argument("--threads", type=int, default=1, help="Torch threads per worker.")
     if device:
         parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="Where the runs train.")
-    parser.add_argument("--max_segments", type=int, help="Stop after this many runs (resume later).")
+    parser.add_argument("--max_segments", type=int, help="Stop after this many run segments (resume later).")
     parser.add_argument(
         "--report_only", action="store_true", help="Rewrite the report from the records; train nothing."
     )
