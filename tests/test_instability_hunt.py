@@ -81,6 +81,8 @@ def test_bad_conditions_are_refused():
         HuntPlan(dataclasses.replace(HuntSettings(), lrs={"spectron": 0.01}))
     with pytest.raises(ValueError, match="Control conditions"):
         HuntPlan(dataclasses.replace(HuntSettings(), control_conditions=("baseline", "lr_100x")))
+    with pytest.raises(ValueError, match="the control \\(dense_adamw\\) is not among the variants"):
+        HuntPlan(dataclasses.replace(HuntSettings(), variants=("spectron",), control_conditions=("baseline",)))
 
 
 def test_the_control_can_be_kept_to_some_conditions():

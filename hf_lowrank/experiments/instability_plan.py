@@ -138,6 +138,11 @@ class HuntPlan:
             unknown = [n for n in s.control_conditions if n not in names]
             if unknown:
                 raise ValueError(f"Control conditions {unknown} are not among the hunt's conditions {names}.")
+            if s.control not in s.variants:
+                raise ValueError(
+                    f"Control conditions are given but the control ({s.control}) is not among the variants "
+                    f"{list(s.variants)}: add it to --variants, or leave out --control_conditions."
+                )
         if s.steps < 1 or s.seeds < 1:
             raise ValueError(f"steps and seeds must be at least 1, got {s.steps} and {s.seeds}.")
         self.variants = list(s.variants)
